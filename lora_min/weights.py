@@ -1,0 +1,218 @@
+"""Reading and writing checkpoints: a small safetensors reader/writer and GPT-2 hub download.
+
+The safetensors layout (https://github.com/huggingface/safetensors, "Format"):
+    8 bytes  N, the header length (unsigned little-endian 64-bit integer)
+    N bytes  a UTF-8 JSON object, starting with "{", maybe padded with spaces: {"name":
+             {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}, ...,
+             "__metadata__": {"key": "value"}}  (metadata optional, strings only)
+    rest     the byte buffer: each tensor's little-endian, C-order bytes at its offsets
+             (counted from the buffer's start); the tensors tile it exactly, without holes.
+The reader memory-maps the file, so even gpt2-xl (6 GB) opens at once and pages are read
+only when used, never copied twice. Like the official library it assumes a little-endian host.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_min.download import download_file
+
+# safetensors dtype names <-> torch dtypes (the subset GPT-2 checkpoints and LoRA need).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+HUB_URL = "https://huggingface.co"
+HUB_NAMES = {
+    "gpt2": "openai-community/gpt2",                # 124M parameters
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",    # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",          # 1558M
+}
+
+
+def _is_count(value: object) -> bool:
+    """A JSON value usable as a size or offset: a non-negative int (JSON true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """Parse the JSON header of `path`; return it, the byte buffer's file offset and length."""
+    file_size = path.stat().st_size
+    if file_size < 8:
+        raise ValueError(f"{path}: not a safetensors file: {file_size} bytes is shorter than the "
+                         "8-byte header length field")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        # Check before reading: a corrupt length (say 2**60) must not make us allocate it.
+        if header_len > file_size - 8:
+            raise ValueError(f"{path}: header length {header_len} is larger than the {file_size - 8} "
+                             "bytes after the length field (truncated or not a safetensors file)")
+        header_bytes = f.read(header_len)
+    if not header_bytes.startswith(b"{"):
+        raise ValueError(f"{path}: header is not a JSON object (it must start with '{{')")
+    try:  # valid JSON that starts with "{" is an object, so `header` is a dict
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON: {err}") from None
+    return header, 8 + header_len, file_size - 8 - header_len
+
+
+def _check_entry(path: Path, name: str, entry: object, buffer_len: int) -> tuple[int, int]:
+    """Validate one tensor's header entry against the buffer; return its (begin, end) offsets."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    if not begin <= end <= buffer_len:
+        raise ValueError(f"{where}: data_offsets [{begin}, {end}] lie outside the "
+                         f"{buffer_len}-byte data buffer")
+    n_bytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != n_bytes:
+        raise ValueError(f"{where}: shape {shape} of {dtype} needs {n_bytes} bytes but data_offsets "
+                         f"[{begin}, {end}] hold {end - begin}")
+    return begin, end
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a .safetensors file into (tensors, metadata); ValueError names any malformation.
+
+    The tensors are copy-on-write views of a memory map: writing to them never touches
+    the file. (Our writer replaces files atomically, so maps of the old file stay valid.)
+    """
+    path = Path(path)
+    header, buffer_start, buffer_len = _read_header(path)
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: __metadata__ must be a JSON object of strings, got {metadata!r}")
+    spans = {name: _check_entry(path, name, entry, buffer_len) for name, entry in header.items()}
+
+    # The tensors must tile the buffer exactly: sorted by offset, each starts where the
+    # previous ended (no overlap, no hole) and the last ends at the end of the file.
+    position, previous = 0, "the start of the buffer"
+    for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin != position:
+            problem = "overlaps" if begin < position else f"leaves a {begin - position}-byte gap after"
+            raise ValueError(f"{path}: tensor {name!r} at [{begin}, {end}] {problem} {previous}")
+        position, previous = end, f"tensor {name!r}"
+    if position != buffer_len:
+        raise ValueError(f"{path}: {buffer_len - position} unused bytes after the last tensor")
+
+    # mode="c": copy-on-write pages, so the tensors are writable without touching the file.
+    buffer = np.memmap(path, np.uint8, "c", buffer_start, (buffer_len,)) if buffer_len else b""
+    tensors = {}
+    for name, (begin, end) in spans.items():
+        dtype, shape = DTYPES[header[name]["dtype"]], header[name]["shape"]
+        if begin == end:  # torch.frombuffer refuses empty buffers
+            try:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            except (RuntimeError, TypeError):  # e.g. shape [0, 2**70]
+                raise ValueError(f"{path}: tensor {name!r}: shape {shape} is too large") from None
+        else:
+            tensor = torch.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
+            # Other writers may leave a tensor unaligned; copy it so every kernel can use it.
+            tensors[name] = tensor.clone() if tensor.data_ptr() % dtype.itemsize else tensor
+    return tensors, metadata
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (any device, any strides) and string `metadata` to `path`, atomically."""
+    path = Path(path)
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"{path}: invalid tensor name {name!r}")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: metadata must map str to str, got {metadata!r}")
+
+    # Widest dtypes first: with an 8-byte aligned buffer start, every tensor is then
+    # aligned to its element size (the official writer does the same).
+    names = sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        n_bytes = tensor.numel() * tensor.dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the buffer starts 8-byte aligned
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header_bytes).to_bytes(8, "little"))
+            f.write(header_bytes)
+            for name in names:  # one tensor at a time: only one CPU copy alive at once
+                raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                f.write(raw.numpy().data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # no-op after a successful os.replace
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from a .safetensors or .bin/.pt file, or from a folder holding
+    model.safetensors (preferred) or pytorch_model.bin."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: found neither model.safetensors nor pytorch_model.bin "
+                                    "in this folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    if path.suffix in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
+        return state
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r} (use .safetensors, .bin or .pt)")
+
+
+def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -> Path:
+    """Turn a path or a GPT-2 name into a local checkpoint path, downloading if needed.
+
+    An existing file or folder is returned as-is. A name in HUB_NAMES fetches
+    model.safetensors and config.json from the Hugging Face hub into
+    `<cache>/<name>/` (cache: `cache_dir`, else $LORA_MIN_CACHE, else ~/.cache/lora_min)
+    unless already there, and returns the path of model.safetensors.
+    """
+    if Path(name_or_path).expanduser().exists():
+        return Path(name_or_path).expanduser()
+    if name_or_path not in HUB_NAMES:
+        raise ValueError(f"{name_or_path!r} is not an existing file or folder, nor one of the GPT-2 "
+                         f"names {', '.join(HUB_NAMES)}")
+    cache = Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser()
+    folder = cache / name_or_path
+    for filename in ("config.json", "model.safetensors"):
+        if (folder / filename).is_file():
+            continue
+        url = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main/{filename}"
+        hint = (f"Offline? Download {url} by hand (browser, curl) and put it at {folder / filename}, "
+                "or pass the path of a downloaded model.safetensors instead of the name, "
+                "e.g. GPT.from_pretrained('/path/to/model.safetensors').")
+        download_file(url, folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
+    return folder / "model.safetensors"
