@@ -1,0 +1,292 @@
+"""train.py: exact resume after SIGKILL, data parallel == one process, the loss falls, bad flags
+fail fast, NaN stops the run, --full writes the official layout, and the --demo smoke test.
+
+Every run uses the --demo model (4 layers, width 128, random weights) on data/demo, for a few
+steps, so the whole file takes well under a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train.py is a script at the top level, not part of the package
+
+import train  # noqa: E402
+from lora_min.adapters import load_adapter  # noqa: E402
+from lora_min.data import DEMO_DIR  # noqa: E402
+from lora_min.model import GPT, lora_state_dict  # noqa: E402
+from lora_min.weights import read_safetensors  # noqa: E402
+
+# A short, quick run: the demo model, batch 4, no decoding at the end.
+TINY = ["--demo", "--batch-size", "4", "--no-eval", "--dev-every", "0", "--dev-limit", "16", "--log-every", "1"]
+
+
+def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+# --------------------------------------------------------------------------- the schedule
+
+def test_lr_warms_up_linearly_then_decays_linearly_to_zero():
+    lrs = [train.lr_at(s, 1.0, warmup_steps=4, total_steps=12) for s in range(12)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4:] == pytest.approx([1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert all(lr > 0 for lr in lrs)  # no step is wasted at lr 0
+    assert train.lr_at(12, 1.0, 4, 12) == 0.0
+
+
+# --------------------------------------------------------------------------- learning
+
+def test_loss_goes_down_over_a_few_dozen_steps(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "30", "--warmup-steps", "3", "--lr", "1e-2", "--out", str(out)]) == 0
+    losses = list(train_losses(out).values())
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+
+
+def test_gradient_accumulation_and_checkpointing_give_the_same_steps(tmp_path):
+    """A batch of 4 in one piece, in 3 micro-batches (sizes 1, 1, 2), or with activations
+    recomputed in backward: the same losses and the same adapter, to float32 rounding."""
+    common = TINY + ["--max-steps", "3", "--lora-dropout", "0"]
+    variants = {"plain": [], "accumulated": ["--grad-accum", "3"], "checkpointed": ["--grad-checkpointing"]}
+    for name, flags in variants.items():
+        assert train.main(common + flags + ["--out", str(tmp_path / name)]) == 0
+    expected, _ = read_safetensors(tmp_path / "plain" / "adapter.safetensors")
+    for name in ("accumulated", "checkpointed"):
+        assert train_losses(tmp_path / name) == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)
+        actual, _ = read_safetensors(tmp_path / name / "adapter.safetensors")
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+def start_and_interrupt(args: list[str], when: str, signum: int) -> int:
+    """Run train.py, send `signum` as soon as it prints a line starting with `when` (spaces
+    collapsed); return its exit code."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if " ".join(line.split()).startswith(when):
+            proc.send_signal(signum)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=120)
+
+
+def test_resume_after_sigkill_and_sigterm_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    run = TINY + ["--max-steps", "16", "--save-every", "4"]  # LoRA dropout stays on: RNG state matters
+    full, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    resume = run + ["--out", str(interrupted), "--resume"]
+
+    # 1. SIGKILL right after the first checkpoint: no chance to save, the steps since are lost.
+    assert start_and_interrupt(run + ["--out", str(interrupted)], "checkpoint saved at step 4",
+                               signal.SIGKILL) == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(interrupted / "resume.pt", weights_only=True)["step"]
+    assert 4 <= killed_at < 16
+    # 2. Resume, then SIGTERM (what Ctrl-C or a cluster's scheduler sends): it saves and exits.
+    assert start_and_interrupt(resume, f"step {killed_at + 2}/16", signal.SIGTERM) == 128 + signal.SIGTERM
+    stopped_at = torch.load(interrupted / "resume.pt", weights_only=True)["step"]
+    assert killed_at + 2 <= stopped_at < 16
+    # 3. Resume to the end.
+    finished = run_script(resume)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resumed {interrupted} at step {stopped_at}" in finished.stdout
+
+    uninterrupted = run_script(run + ["--out", str(full)])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    expected, _ = read_safetensors(full / "adapter.safetensors")
+    actual, _ = read_safetensors(interrupted / "adapter.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    # The log is continuous too: records after the last checkpoint were dropped on resume.
+    assert train_losses(interrupted) == train_losses(full)
+
+
+def test_resume_refuses_a_flag_that_changes_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out)]) == 0
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs from the run being resumed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- data parallel
+
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of every batch of 8; the loss of
+    every step, the dev loss and the adapter match one process within float32 rounding
+    (the all-reduce sums gradients in another order): losses to 1e-5 relative, adapter
+    entries to 1e-6 absolute (they are ~1e-2)."""
+    run = TINY + ["--batch-size", "8", "--max-steps", "4", "--lora-dropout", "0", "--dev-every", "2",
+                  "--dev-limit", "24"]
+    one = run_script(run + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          "--master-addr=127.0.0.1", f"--master-port={free_port()}", "train.py",
+                          *run, "--out", str(tmp_path / "two")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "2 process(es)" in two.stdout
+
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in log_one] == [r["step"] for r in log_two]
+    for a, b in zip(log_one, log_two):
+        key = "loss" if "loss" in a else "dev_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5)
+    a, _ = read_safetensors(tmp_path / "one" / "adapter.safetensors")
+    b, _ = read_safetensors(tmp_path / "two" / "adapter.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+        assert a[name].abs().max() > 1e-4  # B moved away from zero: the comparison means something
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- failures
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = train.masked_lm_loss
+
+    def loss_that_turns_nan_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(train, "masked_lm_loss", loss_that_turns_nan_at_step_7)
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--max-steps", "10", "--save-every", "3", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 7" in err and "last good checkpoint (step 6)" in err
+
+    saved = torch.load(out / "resume.pt", weights_only=True)
+    assert saved["step"] == 6
+    model = train.build_model(train.parse_args(TINY)[0])
+    load_adapter(model, out / "adapter.safetensors")
+    for name, tensor in lora_state_dict(model).items():
+        assert torch.equal(tensor, saved["trainable"][name]) and torch.isfinite(tensor).all()
+    assert max(train_losses(out)) == 6  # nothing was logged for the bad step
+
+
+def make_file(path: Path) -> Path:
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/gpt2.safetensors", "--data-dir", "demo"], "--model '/no/such/gpt2.safetensors' is neither"),
+    (["--data-dir", "{tmp}/empty"], "--data-dir"),
+    (["--demo", "--out", "{tmp}/a-file/run"], "--out"),
+    (["--demo", "--full", "--lora-r", "8"], "--full trains all weights without LoRA; drop --lora-r"),
+    (["--demo", "--model", "gpt2"], "--demo uses a small random model"),
+    (["--demo", "--resume", "--out", "{tmp}/nothing-here"], "--resume"),
+    (["--demo", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--demo", "--batch-size", "2", "--grad-accum", "4"], "--batch-size 2 is smaller than"),
+    (["--demo", "--lora-targets", "q,x"], "--lora-targets"),
+    (["--demo", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--demo", "--no-eval", "--beam-size", "4"], "--no-eval skips decoding"),
+    (["--demo", "--device", "cpu", "--precision", "bf16"], "--precision bf16 needs a CUDA GPU"),
+])
+def test_bad_flags_fail_before_training_naming_the_flag(tmp_path, capsys, flags, message):
+    (tmp_path / "empty").mkdir()
+    make_file(tmp_path / "a-file")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in flags else []
+    assert train.main(flags + out) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert train.main(["--model", "gpt2", "--data-dir", "demo", "--out", str(out)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_a_malformed_data_file_is_named_before_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        (data / name).write_bytes((DEMO_DIR / name).read_bytes())
+    (data / "trainset.csv").write_text('mr,ref\n"name[Juniper], eatType[pub",A pub.\n')
+    assert train.main(["--demo", "--data-dir", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'trainset.csv'}, line 2" in err and "unbalanced brackets" in err
+
+
+def test_a_malformed_number_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--lr", "fast"])
+    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- full fine-tuning
+
+def test_full_fine_tuning_trains_every_weight_and_saves_the_official_layout(tmp_path):
+    out = tmp_path / "full"
+    assert train.main(["--demo", "--full", "--batch-size", "4", "--no-eval", "--max-steps", "2",
+                       "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"]
+    # model.safetensors is in the official layout: from_pretrained (which transposes the
+    # Conv1D weights) must give back exactly the trained weights, square c_proj included.
+    loaded = GPT.from_pretrained(out / "model.safetensors").state_dict()
+    trained = torch.load(out / "resume.pt", weights_only=True)["trainable"]
+    assert trained.keys() == loaded.keys() - {"lm_head.weight"}  # the LM head is tied to wte
+    for name, tensor in trained.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+# --------------------------------------------------------------------------- the demo
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    """`python train.py --demo`, shortened: train, save, plot, decode and score."""
+    out = tmp_path / "demo"
+    result = run_script(["--demo", "--max-steps", "6", "--dev-limit", "16", "--eval-limit", "3", "--beam-size", "2",
+                         "--max-new-tokens", "8", "--out", str(out)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pipeline check" in result.stdout and "RANDOMLY INITIALISED" in result.stdout
+    for name in ("run.json", "adapter.safetensors", "resume.pt", "log.jsonl", "loss.png", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["peak_memory_bytes"] > 0
+    assert 30_000 < summary["weights_bytes"] < 50_000  # 4 layers x (q, v) x (A + B) of r=4 x 128, float32
+    assert set(summary["eval"]) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert "BLEU" in result.stdout and (out / "eval" / "predictions.txt").is_file()
+
+
+def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
+    out = tmp_path / "demo-e2e"
+    assert train.main(TINY + ["--data-dir", str(e2e_dir), "--max-steps", "2", "--out", str(out)]) == 0
+    assert "42,061 training examples" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["data_dir"] == str(e2e_dir)
+    assert len(train_losses(out)) == 2
