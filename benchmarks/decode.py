@@ -1,0 +1,202 @@
+"""Decoding speed: lora_min.decode against transformers' generate(), and with vs without the KV cache.
+
+    python benchmarks/decode.py [--mrs 4] [--rounds 3] [--new-tokens 32] [--batch 4] [--threads N]
+
+Everything runs in one process on the CPU with the gpt2 (124M) configuration and random weights:
+the same weights in our GPT and in transformers' GPT2LMHeadModel. The prompts are E2E test MRs
+from data/demo/, formatted as for training (offline, set TIKTOKEN_CACHE_DIR to a folder holding
+the GPT-2 BPE files). Every method generates exactly --new-tokens tokens per MR (no EOS), so
+tokens/s compare like with like; beam search reports output tokens, not tokens x beams.
+
+One prompt at a time, the methods take turns on each MR (who goes first alternates), and a speed
+ratio is the median over MRs and rounds of the two times on the same MR: work that other
+processes put on the machine then slows both sides of a ratio alike. Then the batched rows decode
+all MRs --batch at a time. Greedy tokens must be identical to generate()'s, and every run of ours
+identical to our cached one-prompt run (with or without cache, in a batch or not).
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from lora_min.data import DEMO_DIR, encode_prompt, group_references, read_e2e_csv
+from lora_min.decode import beam_search, greedy
+from lora_min.model import GPT, GPTConfig, KVCache
+
+BEAM = dict(beam_size=10, length_penalty=0.9, no_repeat_ngram_size=4)  # the paper's (Table 11)
+
+
+class WithoutCache(nn.Module):
+    """Our GPT as decode.py sees it, but re-running the full forward pass every step.
+
+    decode.py still builds and reorders a KVCache; here the cache only counts tokens, and its
+    `reorder` is redirected to reorder the token rows kept here. The decoding logic is the same
+    code, so the only difference measured is the cache.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model, self.config, self.wte = model, model.config, model.wte
+
+    def forward(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                cache: KVCache, logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if cache.length == 0:  # the (left-padded) prompts
+            self.tokens, self.mask = idx, attention_mask
+            cache.reorder = self._reorder
+        else:
+            self.tokens = torch.cat([self.tokens, idx], dim=1)
+            self.mask = torch.cat([self.mask, torch.ones_like(idx, dtype=torch.bool)], dim=1)
+        cache.length += idx.size(1)
+        last = torch.zeros_like(self.mask)
+        last[:, -1] = True  # the LM head only where the next token is predicted, as with the cache
+        logits = self.model(self.tokens, attention_mask=self.mask, logits_mask=last)  # (B, vocab)
+        return logits if logits_mask is not None else logits[:, None]
+
+    def _reorder(self, rows: torch.Tensor) -> None:
+        self.tokens, self.mask = self.tokens[rows], self.mask[rows]
+
+
+def build_models() -> tuple[GPT, nn.Module]:
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # gpt2 (124M), random
+    ours = GPT(GPTConfig.from_name("gpt2"))
+    ours.load_base_weights(hf.transformer.state_dict())
+    return ours.eval(), hf
+
+
+def hf_generate(hf: nn.Module, prompt: list[int], new_tokens: int, **kwargs) -> list[int]:
+    """generate() on one prompt (no padding needed): exactly new_tokens tokens, no EOS."""
+    ids = torch.tensor([prompt])
+    tokens = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=50256, **kwargs)
+    return tokens[0, len(prompt) :].tolist()
+
+
+def one_prompt_methods(ours: GPT, hf: nn.Module, n: int) -> dict[tuple[str, str], Callable]:
+    """(decoding, implementation) -> function decoding one prompt."""
+    slow = WithoutCache(ours)
+    hf_beam = dict(num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4)
+    return {
+        ("greedy", "ours, KV cache"): lambda p: greedy(ours, [p], n, eos_ids=())[0],
+        ("greedy", "transformers generate()"): lambda p: hf_generate(hf, p, n),
+        ("greedy", "ours, no cache"): lambda p: greedy(slow, [p], n, eos_ids=())[0],
+        ("beam 10", "ours, KV cache"): lambda p: beam_search(ours, [p], max_new_tokens=n, eos_ids=(), **BEAM)[0],
+        ("beam 10", "transformers generate()"): lambda p: hf_generate(hf, p, n, **hf_beam),
+        ("beam 10", "ours, no cache"): lambda p: beam_search(slow, [p], max_new_tokens=n, eos_ids=(), **BEAM)[0],
+    }
+
+
+def batched_methods(ours: GPT, n: int, batch: int) -> dict[tuple[str, str], Callable]:
+    """(decoding, implementation) -> function decoding all prompts, `batch` MRs side by side."""
+    return {
+        ("greedy", "ours, KV cache"): lambda ps: greedy(ours, ps, n, eos_ids=(), batch_size=batch),
+        ("beam 10", "ours, KV cache"): lambda ps: beam_search(ours, ps, max_new_tokens=n, eos_ids=(),
+                                                              batch_size=batch, **BEAM),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mrs", type=int, default=4, help="MRs decoded by every method in every round")
+    parser.add_argument("--slow-mrs", type=int, default=1, help="of which the no-cache methods decode the first N")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions; figures are medians")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4, help="MRs per batch in the batched rows")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    mrs = [mr for mr, _ in group_references(read_e2e_csv(DEMO_DIR / "testset_w_refs.csv"))][: args.mrs]
+    prompts = [encode_prompt(mr) for mr in mrs]
+    ours, hf = build_models()
+    single = one_prompt_methods(ours, hf, args.new_tokens)
+    batched = batched_methods(ours, args.new_tokens, args.batch)
+    # key -> (round, MR) -> (wall, CPU) seconds
+    seconds: dict[tuple, dict[tuple[int, int], tuple[float, float]]] = {key: {} for key in single}
+    batched_seconds: dict[tuple, list[tuple[float, float]]] = {key: [] for key in batched}
+    outputs: dict[tuple, list[list[int]]] = {}
+
+    with torch.inference_mode():
+        for key, run in single.items():  # warm-up: first-call allocations and lazy imports
+            if "no cache" not in key[1]:
+                run(prompts[0])
+        for r in range(args.rounds):
+            for i, prompt in enumerate(prompts):
+                keys = [k for k in single if "no cache" not in k[1] or i < args.slow_mrs]
+                for key in keys if (r + i) % 2 == 0 else keys[::-1]:  # alternate who goes first
+                    tokens, seconds[key][r, i] = timed(single[key], prompt)
+                    outputs.setdefault(key + (1,), [None] * len(prompts))[i] = tokens
+                print(f"round {r + 1}/{args.rounds}, MR {i + 1}/{len(prompts)}: " + ", ".join(
+                    f"{d} {impl} {seconds[d, impl][r, i][0]:.1f}s" for d, impl in keys), flush=True)
+            for key, run in batched.items():
+                outputs[key + (args.batch,)], spent = timed(run, prompts)
+                batched_seconds[key].append(spent)
+                print(f"round {r + 1}/{args.rounds}: {key[0]}, {key[1]}, batch {args.batch}: {spent[0]:.1f}s",
+                      flush=True)
+
+    check_outputs(outputs, args.new_tokens)
+    print_table(seconds, batched_seconds, len(prompts), args)
+
+
+def timed(run: Callable, arg) -> tuple[object, tuple[float, float]]:
+    """run(arg) and the (wall-clock, CPU) seconds it took. CPU time (all threads of this process)
+    does not count the time other processes hold the cores, so on a busy machine it is the steadier
+    measure of the work done; wall-clock is what a user waits."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run(arg)
+    return result, (time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def check_outputs(outputs: dict[tuple, list], new_tokens: int) -> None:
+    """Greedy as generate(); every run of ours as our cached run on one prompt; all full length."""
+    outputs = {k: [t for t in out if t is not None] for k, out in outputs.items()}  # no-cache: fewer MRs
+    assert all(len(t) == new_tokens for out in outputs.values() for t in out), "a method stopped early"
+    assert outputs["greedy", "ours, KV cache", 1] == outputs["greedy", "transformers generate()", 1], \
+        "greedy tokens differ from generate()"
+    for (decoding, impl, batch), out in outputs.items():
+        if not impl.startswith("transformers"):  # its beam search differs by design (lora_min/decode.py)
+            assert out == outputs[decoding, "ours, KV cache", 1][: len(out)], f"{decoding}, {impl}, {batch} differs"
+
+
+def print_table(seconds: dict, batched_seconds: dict, n_mrs: int, args) -> None:
+    def ratio(slow: tuple, fast: tuple, clock: int) -> float:  # median over the (round, MR) pairs both timed
+        pairs = [k for k in seconds[fast] if k in seconds[slow]]
+        return statistics.median(seconds[slow][k][clock] / seconds[fast][k][clock] for k in pairs)
+
+    def median(times, clock: int) -> float:
+        return statistics.median(t[clock] for t in times)
+
+    hf = {d: (d, "transformers generate()") for d, _ in seconds}
+    print(f"\ngpt2 (124M) config, random weights, E2E MR prompts, {args.new_tokens} new tokens each, "
+          f"{args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}\n")
+    print("| decoding | implementation | batch (MRs) | MRs/s | tokens/s | vs generate(), wall | vs generate(), CPU |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for (decoding, impl), times in seconds.items():
+        mrs_per_s = 1 / median(times.values(), 0)
+        print(f"| {decoding} | {impl} | 1 | {mrs_per_s:.2f} | {mrs_per_s * args.new_tokens:.1f} "
+              f"| {ratio(hf[decoding], (decoding, impl), 0):.2f}x | {ratio(hf[decoding], (decoding, impl), 1):.2f}x |")
+    for (decoding, impl), times in batched_seconds.items():
+        mrs_per_s = n_mrs / median(times, 0)
+        speed = [n_mrs / median(times, c) * median(seconds[hf[decoding]].values(), c) for c in (0, 1)]
+        print(f"| {decoding} | {impl} | {args.batch} | {mrs_per_s:.2f} | {mrs_per_s * args.new_tokens:.1f} "
+              f"| {speed[0]:.2f}x | {speed[1]:.2f}x |")
+    print("\nMRs/s and tokens/s: wall-clock, median over MRs and rounds. vs generate(): one prompt at a time, "
+          "the median over MRs and rounds of generate()'s time over ours on the same MR, timed back to back "
+          "(batched rows: their median MRs/s over generate()'s); wall-clock and CPU time of this process.")
+    for decoding in ("greedy", "beam 10"):
+        print(f"KV cache vs none, {decoding}: {ratio((decoding, 'ours, no cache'), (decoding, 'ours, KV cache'), 0):.1f}x "
+              f"faster (wall), {ratio((decoding, 'ours, no cache'), (decoding, 'ours, KV cache'), 1):.1f}x (CPU); "
+              f"{args.slow_mrs} MR(s) x {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Decode an E2E split with the paper's beam search and score it with the five official metrics.
+
+    python -m lora_min.evaluate --adapter runs/e2e/adapter.safetensors [--split test] [--limit 50]
+
+One hypothesis per unique MR (the E2E scorer compares it with all of that MR's references), in
+the order MRs first appear in the CSV. Written to --out, each file atomically:
+
+    predictions.txt   one hypothesis per line, one line per MR
+    references.txt    each MR's references, one per line, a blank line between MRs
+    scores.json       BLEU, NIST, METEOR, ROUGE_L, CIDEr, the decoding settings, the paper's row
+
+predictions.txt and references.txt are the layout tuetschek/e2e-metrics reads, so
+`measure_scores.py references.txt predictions.txt` scores the same files independently.
+train.py calls `evaluate_split` at the end of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from collections.abc import Sequence
+from typing import TextIO
+
+import torch
+
+from lora_min import decode
+from lora_min.data import decode_completion, encode_prompt, group_references, load_split
+from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
+from lora_min.model import GPT
+
+
+def evaluate_split(
+    model: GPT,
+    data_dir: str | Path | None,
+    split: str = "test",
+    out_dir: str | Path = "eval",
+    *,
+    beam_size: int = 10,
+    max_new_tokens: int = 64,
+    length_penalty: float = 0.9,
+    no_repeat_ngram_size: int = 4,
+    batch_size: int = 8,
+    limit: int | None = None,
+    greedy: bool = False,
+) -> dict:
+    """Decode every unique MR of `split` (the first `limit` only, if given), write predictions,
+    references and scores.json to `out_dir`, and return the scores (lora_min.metrics.e2e_scores).
+
+    data_dir: the folder with the E2E CSVs (see lora_min.data.resolve_e2e_dir; "demo" works).
+    greedy: decode greedily instead of with beam search (the beam settings are then unused).
+    For speed, merge the LoRA update into the weights first (model.merge_lora()).
+    """
+    groups = group_references(load_split(split, data_dir))[:limit]
+    if not groups:
+        raise ValueError(f"{split} split in {data_dir} has no MRs to decode (limit={limit})")
+    settings = dict(method="greedy" if greedy else "beam search", max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if not greedy:
+        settings.update(beam_size=beam_size, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+
+    started = time.perf_counter()
+    hypotheses = decode_mrs(model, [mr for mr, _ in groups], beam_size=beam_size, max_new_tokens=max_new_tokens,
+                            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                            batch_size=batch_size, greedy=greedy)
+    decode_seconds = time.perf_counter() - started
+    references = [[one_line(ref) for ref in refs] for _, refs in groups]
+    scores = e2e_scores(hypotheses, references)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
+    write_text_atomic(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
+    summary = {"split": split, "mrs": len(groups), "scores": scores, "paper_gpt2_m_lora": PAPER_GPT2_M_LORA,
+               "decoding": settings, "decode_seconds": round(decode_seconds, 2)}
+    write_text_atomic(out / "scores.json", json.dumps(summary, indent=2) + "\n")
+    return scores
+
+
+def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_tokens: int = 64,
+               length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, batch_size: int = 8,
+               greedy: bool = False, progress: TextIO | None = sys.stderr) -> list[str]:
+    """One generated text per MR, on one line. Shows progress on `progress` (None: quiet)."""
+    prompts = [encode_prompt(mr) for mr in mrs]
+    texts: list[str] = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        if greedy:
+            new_tokens = decode.greedy(model, batch, max_new_tokens, batch_size=len(batch))
+        else:
+            new_tokens = decode.beam_search(model, batch, beam_size, max_new_tokens, length_penalty,
+                                            no_repeat_ngram_size, batch_size=len(batch))
+        texts += [one_line(decode_completion(tokens)) for tokens in new_tokens]
+        if progress is not None:
+            show_progress(progress, len(texts), len(prompts), time.perf_counter() - started, previous=start)
+    return texts
+
+
+def one_line(text: str) -> str:
+    """Whitespace runs (newlines included) as single spaces: one text must be one line in the files."""
+    return " ".join(text.split())
+
+
+def show_progress(stream: TextIO, done: int, total: int, seconds: float, previous: int) -> None:
+    """'decoding: 40/630 MRs, 1.9 MRs/s, 5m10s left' on one line, rewritten in place on a terminal;
+    in a log file, a new line at every tenth of the way (and at the end) instead."""
+    if not stream.isatty() and done < total and done * 10 // total == previous * 10 // total:
+        return
+    rate = done / max(seconds, 1e-9)
+    left = (total - done) / rate
+    line = f"decoding: {done}/{total} MRs, {rate:.2f} MRs/s, {int(left // 60)}m{int(left % 60):02d}s left"
+    if stream.isatty():
+        print("\r" + line, end="\n" if done == total else "", file=stream, flush=True)
+    else:
+        print(line, file=stream, flush=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_min.evaluate",
+        description="Load a base GPT-2 and a LoRA adapter, decode an E2E split, print the five metrics.")
+    p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
+    p.add_argument("--model", help="base model: gpt2, gpt2-medium, ... or a checkpoint path "
+                                   "(default: the base named in the adapter file)")
+    p.add_argument("--split", default="test", choices=["test", "dev"])
+    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
+                                      "else data/e2e, downloaded if missing)")
+    p.add_argument("--limit", type=positive_int, help="decode only the first N MRs")
+    p.add_argument("--out", type=Path, help="output folder (default: eval-<split> beside the adapter)")
+    g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
+    g.add_argument("--beam-size", type=positive_int, default=10)
+    g.add_argument("--length-penalty", type=float, default=0.9, help="scores are divided by length ** this")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="0 allows repeated n-grams")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side")
+    g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    args = p.parse_args(argv)
+    if not args.adapter.is_file():
+        p.error(f"--adapter {args.adapter}: no such file")
+    if args.no_repeat_ngram_size < 0:
+        p.error(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lora_min.adapters import model_from_adapter
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = model_from_adapter(args.adapter, base=args.model)
+    model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
+    out = args.out or args.adapter.parent / f"eval-{args.split}"
+    scores = evaluate_split(
+        model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        batch_size=args.batch_size, limit=args.limit, greedy=args.greedy)
+    print(format_scores(scores))
+    print(f"(paper: GPT-2 M with LoRA, Hu et al., 2021, Table 3; BLEU, METEOR, ROUGE-L x100)\n"
+          f"predictions, references and scores.json: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

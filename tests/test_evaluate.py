@@ -1,0 +1,117 @@
+"""lora_min/evaluate.py end to end on a tiny random model and the demo data (data/demo/)."""
+import io
+import json
+
+import pytest
+import torch
+
+import lora_min.metrics
+from lora_min.adapters import export_merged, save_adapter
+from lora_min.data import DEMO_DIR, group_references, read_e2e_csv
+from lora_min.evaluate import decode_mrs, evaluate_split, main, one_line, show_progress
+from lora_min.metrics import e2e_scores
+from lora_min.model import GPT, GPTConfig, LoRAConfig
+
+TINY = GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=50257, block_size=96)  # GPT-2's tokenizer
+DECODING = dict(beam_size=2, max_new_tokens=6, batch_size=2)
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    """One thread (tiny models lose time waiting for a second one) and no Java: METEOR's jar takes
+    a minute to start, and its scores are tested in test_metrics.py."""
+    monkeypatch.setattr(lora_min.metrics, "meteor", lambda hyps, refs: (None, "not run in this test"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def demo_groups(limit: int) -> list[tuple[str, list[str]]]:
+    return group_references(read_e2e_csv(DEMO_DIR / "testset_w_refs.csv"))[:limit]
+
+
+def read_reference_groups(path) -> list[list[str]]:
+    """references.txt read the way e2e-metrics' measure_scores.py reads it: blank lines split MRs."""
+    groups = [[]]
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            groups[-1].append(line.strip())
+        else:
+            groups.append([])
+    return [g for g in groups if g]
+
+
+def test_evaluate_split_writes_the_scorer_layout_and_returns_the_scores(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    scores = evaluate_split(model, "demo", "test", tmp_path / "eval", limit=5, **DECODING)
+
+    groups = demo_groups(5)
+    predictions = (tmp_path / "eval" / "predictions.txt").read_text(encoding="utf-8").split("\n")
+    assert predictions[-1] == "" and len(predictions[:-1]) == 5  # one line per MR, newline-terminated
+    assert predictions[:-1] == decode_mrs(model, [mr for mr, _ in groups], batch_size=1, progress=None,
+                                          **{k: v for k, v in DECODING.items() if k != "batch_size"})
+    assert read_reference_groups(tmp_path / "eval" / "references.txt") == [refs for _, refs in groups]
+    assert scores == e2e_scores(predictions[:-1], [refs for _, refs in groups])  # what the files score
+    summary = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert summary["scores"] == scores and summary["mrs"] == 5 and summary["split"] == "test"
+    assert summary["decoding"]["beam_size"] == 2 and summary["paper_gpt2_m_lora"]["BLEU"] == 0.704
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["predictions.txt", "references.txt",
+                                                                    "scores.json"]  # no temp files left
+
+
+def test_greedy_evaluation_records_its_method(tmp_path):
+    evaluate_split(GPT(TINY), "demo", "dev", tmp_path, limit=2, max_new_tokens=4, greedy=True)
+    decoding = json.loads((tmp_path / "scores.json").read_text())["decoding"]
+    assert decoding["method"] == "greedy" and "beam_size" not in decoding
+
+
+def test_texts_become_single_lines():
+    assert one_line(" A pub.\n\nIt is\tcheap. ") == "A pub. It is cheap."
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_logs_tenths_elsewhere():
+    log = io.StringIO()
+    for done in range(1, 21):
+        show_progress(log, done, 20, seconds=done / 2, previous=done - 1)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("decoding: 20/20 MRs, 2.00 MRs/s")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    show_progress(term, 3, 4, seconds=1.5, previous=2)
+    assert term.getvalue() == "\rdecoding: 3/4 MRs, 2.00 MRs/s, 0m00s left"
+
+
+def test_command_line_loads_base_and_adapter_and_prints_the_paper_row(tmp_path, capsys):
+    torch.manual_seed(0)
+    export_merged(GPT(TINY), tmp_path / "base")
+    model = GPT.from_pretrained(tmp_path / "base", lora=LoRAConfig(r=2, alpha=4))
+    with torch.no_grad():
+        for _, _, update in model.lora_updates():
+            update.B.normal_()  # a non-zero update, so the adapter changes the outputs
+    (tmp_path / "run").mkdir()
+    save_adapter(model, tmp_path / "run" / "adapter.safetensors", base_model=str(tmp_path / "base"))
+
+    argv = ["--adapter", str(tmp_path / "run" / "adapter.safetensors"), "--data-dir", "demo", "--limit", "3",
+            "--beam", "2", "--max-new-tokens", "5", "--split", "dev"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "paper" in printed and "70.4" in printed and "CIDEr" in printed
+    out = tmp_path / "run" / "eval-dev"  # the default: beside the adapter
+    assert len((out / "predictions.txt").read_text().splitlines()) == 3
+
+    model.merge_lora()  # what the command decodes with
+    expected = decode_mrs(model, [mr for mr, _ in group_references(read_e2e_csv(DEMO_DIR / "devset.csv"))[:3]],
+                          beam_size=2, max_new_tokens=5, progress=None)
+    assert (out / "predictions.txt").read_text().splitlines() == expected
+
+
+def test_command_line_names_a_missing_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(tmp_path / "nope.safetensors")])
+    assert "nope.safetensors: no such file" in capsys.readouterr().err
