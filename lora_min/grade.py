@@ -24,10 +24,11 @@ import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, TextIO
+from typing import TextIO
 from unittest import mock
 
 import torch
@@ -540,7 +541,7 @@ def check_beam_first_step(student: ModuleType) -> None:
         log_probs = row.expand(beam_size, V).clone()
         scores = torch.full((beam_size,), float("-inf"))
         scores[0] = 0.0
-        new_scores, beam_index, token = run_beam_step(student, log_probs, scores, beam_size)
+        _, beam_index, token = run_beam_step(student, log_probs, scores, beam_size)
         assert torch.all(beam_index == 0), "candidates from beams with score -inf must never be kept"
         assert len(set(token.tolist())) == beam_size, "the first step must keep distinct tokens"
     test()

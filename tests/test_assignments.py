@@ -70,16 +70,16 @@ def test_every_assignment_has_a_starter_and_a_solution():
     assert sorted(p.name for p in ASSIGNMENTS_DIR.glob("assignment*.py")) == sorted(
         a.starter for a in grade.ASSIGNMENTS.values())
     readme = (ASSIGNMENTS_DIR / "README.md").read_text(encoding="utf-8")
-    for name, assignment in grade.ASSIGNMENTS.items():
+    for assignment in grade.ASSIGNMENTS.values():
         assert assignment.starter in readme, f"the instructor guide does not mention {assignment.starter}"
 
 
 # --------------------------------------------------------------------------- common mistakes
 
-MISTAKES = [  # (assignment, text in the solution, replacement, checks that must fail)
+MISTAKES = [  # (assignment, text in the solution, replacement, checks that must fail[, that may fail])
     ("assignment1", "nn.init.zeros_(self.B)", "nn.init.normal_(self.B)",  # both random
      {"check_init_is_base"}),
-    ("assignment1", "nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))", "nn.init.zeros_(self.A)",  # both zero
+    ("assignment1", "nn.init.kaiming_uniform_(self.A, a=5**0.5)", "nn.init.zeros_(self.A)",  # both zero
      {"check_init_lets_gradients_flow"}),
     ("assignment1", "(x @ self.A.T @ self.B.T) * self.scale", "(x @ self.A.T @ self.B.T) * self.scale * self.A.shape[0]",
      {"check_forward_formula", "check_forward_gradients"}),  # alpha instead of alpha / r
@@ -97,16 +97,17 @@ MISTAKES = [  # (assignment, text in the solution, replacement, checks that must
     ("assignment4", "torch.log_softmax(logits[loss_mask].float(), dim=-1)",
      "torch.log(torch.softmax(logits[loss_mask].float(), dim=-1))", {"check_loss_stable"}),
     ("assignment4", "    return ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()\n",
-     "    per_token = (1 - label_smoothing) * nll + label_smoothing * uniform\n"
-     "    rows = loss_mask.nonzero()[:, 0]\n"
-     "    per_row = torch.zeros(len(loss_mask)).index_add(0, rows, per_token) / loss_mask.sum(1).clamp(min=1)\n"
-     "    return per_row[loss_mask.any(1)].mean()\n",  # mean of per-sequence means
-     {"check_loss_plain", "check_loss_smoothed", "check_loss_averages_tokens", "check_loss_from_log_probs",
-      "check_loss_stable"}),
+     ("    per_token = (1 - label_smoothing) * nll + label_smoothing * uniform\n"
+      "    rows = loss_mask.nonzero()[:, 0]\n"
+      "    per_row = torch.zeros(len(loss_mask)).index_add(0, rows, per_token) / loss_mask.sum(1).clamp(min=1)\n"
+      "    return per_row[loss_mask.any(1)].mean()\n"),  # mean of per-sequence means
+     {"check_loss_plain", "check_loss_smoothed", "check_loss_averages_tokens", "check_loss_from_log_probs"},
+     {"check_loss_stable"}),  # its 10 examples may or may not have rows of unequal length
     ("assignment4", "    log_probs = torch.log_softmax(logits[loss_mask].float(), dim=-1)  # (N, V), stable\n",
-     "    log_probs = -torch.nn.functional.cross_entropy(\n"
-     "        logits[loss_mask].float().repeat_interleave(logits.shape[-1], 0),\n"
-     "        torch.arange(logits.shape[-1]).repeat(int(loss_mask.sum())), reduction='none').view(-1, logits.shape[-1])\n",
+     ("    log_probs = -torch.nn.functional.cross_entropy(  # log p[v] as minus the NLL of target v\n"
+      "        logits[loss_mask].float().repeat_interleave(logits.shape[-1], 0),\n"
+      "        torch.arange(logits.shape[-1]).repeat(int(loss_mask.sum())), reduction='none',\n"
+      "    ).view(-1, logits.shape[-1])\n"),
      {"check_loss_from_log_probs"}),
     ("assignment5", "candidates = beam_scores[:, None] + log_probs", "candidates = log_probs",
      {"check_beam_best", "check_beam_consistent", "check_beam_first_step"}),  # forgot the beams' scores
@@ -116,16 +117,17 @@ MISTAKES = [  # (assignment, text in the solution, replacement, checks that must
 ]
 
 
-@pytest.mark.parametrize("name, old, new, must_fail", MISTAKES,
-                         ids=[f"{m[0]}-{'-'.join(sorted(m[3]))}" for m in MISTAKES])
-def test_a_common_mistake_loses_exactly_its_points(tmp_path, name, old, new, must_fail):
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[f"{m[0]}-{'-'.join(sorted(m[3]))}" for m in MISTAKES])
+def test_a_common_mistake_loses_exactly_its_points(tmp_path, mistake):
+    name, old, new, must_fail = mistake[:4]
+    may_fail = mistake[4] if len(mistake) > 4 else set()
     solution = solution_path(name).read_text(encoding="utf-8")
     assert old in solution, "the mistake no longer applies to the solution; update this test"
     student = tmp_path / "student.py"
     student.write_text(solution.replace(old, new), encoding="utf-8")
     score = grade.grade(name, student)
     failed = {r.check.run.__name__ for r in score.results if not r.passed}
-    assert failed == must_fail, [(r.check.name, r.reason) for r in score.results if not r.passed]
+    assert must_fail <= failed <= must_fail | may_fail, [(r.check.name, r.reason) for r in score.results if not r.passed]
     assert all(r.reason for r in score.results if not r.passed)  # every failure says why
 
 

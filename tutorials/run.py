@@ -3,7 +3,7 @@
 A chapter is a Markdown file. Its ```python blocks run in order, in one namespace, with
 tutorials/ as the working directory (so `import toy` and `figures/...` work). A ```text block
 that follows a ```python block (only blank lines between) holds what that code prints.
-Any other ```text block is just prose. Two ways to allow for what differs between machines:
+Any other ```text block is just prose. Three ways to allow for what differs between machines:
   * `...` in an output block matches any text (like doctest's ELLIPSIS);
   * the line `<!-- numbers vary -->` between the code and its output block (GitHub does not
     show it) makes every number a wildcard, so timings and trained accuracies stay readable
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import re
 import sys
@@ -96,7 +97,7 @@ def parse_blocks(lines: list[str], source: str) -> list[Block]:
             raise ValueError(f"{source}, line {start + 1}: code block is never closed")
         blocks.append(Block(match.group(1), "".join(lines[start + 1:i]), start, i))
         i += 1
-    for code, following in zip(blocks, blocks[1:]):
+    for code, following in itertools.pairwise(blocks):
         between = "".join(lines[code.end + 1:following.start]).strip()
         if code.lang == "python" and following.lang == "text" and between in ("", NUMBERS_VARY, OUTPUT_VARIES):
             code.output = following
@@ -146,6 +147,12 @@ def run_chapter(path: str | Path, update: bool = False, check: bool = True) -> C
     old_cwd, old_path = os.getcwd(), list(sys.path)
     os.chdir(TUTORIALS)
     sys.path.insert(0, str(TUTORIALS))
+    import torch  # every chapter uses it
+    old_threads = torch.get_num_threads()
+    if os.environ.get("LORA_MIN_TUTORIAL_SIZE", "small") == "small":
+        # One thread, as the outputs were recorded: sums then add up in the same order (trained
+        # models come out the same), and models this small run fastest on one thread anyway.
+        torch.set_num_threads(1)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for block in code_blocks:
@@ -175,6 +182,9 @@ def run_chapter(path: str | Path, update: bool = False, check: bool = True) -> C
         result.cpu_seconds = time.process_time() - cpu_start
         os.chdir(old_cwd)
         sys.path[:] = old_path
+        torch.set_num_threads(old_threads)
+        if "matplotlib.pyplot" in sys.modules:  # the chapter's figures are saved; free them
+            sys.modules["matplotlib.pyplot"].close("all")
     if update and result.error is None and (result.mismatches or fresh_output):
         write_atomically(path, updated_text(lines, code_blocks, result.mismatches + fresh_output))
         result.mismatches += fresh_output

@@ -12,8 +12,6 @@ Keep every name and signature; add helpers if you like. Check your work with
 
 Tutorial chapter 2 (tutorials/02_the_lora_layer.md) explains everything this needs.
 """
-import math
-
 import torch
 import torch.nn as nn
 

@@ -16,8 +16,6 @@ Do not call F.scaled_dot_product_attention: the grader compares against it. Chec
 lora_min/model.py's KVCache preallocates its memory instead of concatenating; the result is
 the same.
 """
-import math
-
 import torch
 
 

@@ -12,8 +12,6 @@ Keep every name and signature; add helpers if you like. Check your work with
 
 Tutorial chapter 2 (tutorials/02_the_lora_layer.md) explains everything this needs.
 """
-import math
-
 import torch
 import torch.nn as nn
 
@@ -41,7 +39,7 @@ class LoRALinear(nn.Module):
         # BEGIN SOLUTION
         # As nn.Linear initialises its weight (and microsoft/LoRA its A); the paper says "random
         # Gaussian", any small random init works. B = 0 makes B A = 0 at the start.
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.A, a=5**0.5)
         nn.init.zeros_(self.B)
         # END SOLUTION
 
