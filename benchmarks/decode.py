@@ -14,6 +14,11 @@ processes put on the machine then slows both sides of a ratio alike. Then the ba
 all MRs --batch at a time. Greedy tokens must be identical to generate()'s, and every run of ours
 identical to our cached one-prompt run (with or without cache, in a batch or not).
 Prints a Markdown table.
+
+Threads change the picture. With torch's default (all cores) on a machine that other processes
+also use, every small op waits for a descheduled thread, which costs generate()'s many small ops
+far more than ours: ratios then swing from run to run. --threads 1 gives steady numbers, and its
+CPU-time column is steady even on a busy machine.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ README's one command looks shared with the other two. train.py uses the same def
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn

@@ -22,8 +22,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import torch

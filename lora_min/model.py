@@ -250,8 +250,8 @@ class KVCache:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (in that order), e.g. the beams that survive a beam-search step."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.key_mask = self.key_mask[rows]
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.key_mask = self.key_mask.index_select(0, rows)
 
 
 def build_attn_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
