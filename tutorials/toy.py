@@ -102,7 +102,8 @@ def train(model: GPT, task: str, steps: int, lr: float, *, batch_size: int = 16,
 def _pretrained_state(n_embd: int, n_layer: int, steps: int, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = GPT(toy_config(n_embd, n_layer))
-    train(model, "ascending", steps, lr=3e-3, batch_size=32, seed=seed)
+    # Adam's steps move every weight by about lr, so a wider model wants a smaller lr (as in muP).
+    train(model, "ascending", steps, lr=3e-3 * 128 / n_embd, batch_size=32, seed=seed)
     return copy.deepcopy(model.state_dict())
 
 
