@@ -179,7 +179,8 @@ def test_cli_list(capsys):
 
 @pytest.mark.skipif(not hasattr(grade.signal, "SIGALRM"), reason="needs SIGALRM (not on Windows)")
 def test_an_endless_loop_fails_its_check_and_grading_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(grade, "TIME_LIMIT_S", 1)
+    # Long enough that no honest check times out on a busy CI machine; the loop never ends.
+    monkeypatch.setattr(grade, "TIME_LIMIT_S", 10)
     student = tmp_path / "student.py"
     student.write_text(solution_path("assignment3").read_text().replace(
         "    return n_layer * len(targets) * (r * n_embd + n_embd * r)\n", "    while True:\n        pass\n"))
