@@ -31,8 +31,9 @@ examples/NLG/README.md):
 
 Where the time goes, and why this loop is fast: the LM head (768 x 50257) runs only at the
 positions that carry loss (the reference tokens; prompt and padding skip it), batches hold
-examples of similar length (lora_min/data.py), and on CUDA it uses bf16 autocast, TF32,
-fused AdamW and SDPA flash attention (and torch.compile with --compile).
+examples of similar length (lora_min/data.py), AdamW is the fused kernel, and on CUDA it uses
+bf16 autocast (fp16 with a grad scaler on GPUs without bf16), TF32 and SDPA flash attention (and
+torch.compile with --compile). --precision bf16/fp16 runs on the CPU too, which tests that code.
 
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
@@ -144,15 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA GPUs that support it, fp16 with a grad scaler on older "
-                        "ones, fp32 on CPU and MPS")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slow to start)")
+                        "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
+                        "bfloat16 instructions gain from them)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: for CUDA; slow to start, and on the CPU no faster (see README)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% more compute")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, default=10, help="print and log the loss every N steps")
-    g.add_argument("--dev-every", type=int, default=2000, help="dev-set loss every N steps and at the end (0: only at the end)")
+    g.add_argument("--dev-every", type=int, default=2000,
+                   help="dev-set loss every N steps and at the end (0: only at the end)")
     g.add_argument("--dev-limit", type=int, default=0, help="dev loss on the first N dev examples (0: all)")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps and at the end (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=1000,
+                   help="checkpoint every N steps and at the end (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     g = p.add_argument_group("evaluation after training (paper Table 11: beam 10, length penalty 0.9)")
@@ -230,7 +235,8 @@ def validate_args(args: argparse.Namespace, explicit: set[str], world_size: int 
     # Combinations.
     lora_flags = sorted(f for f in explicit if f.startswith("lora_"))
     if args.full and lora_flags:
-        raise ConfigError(f"--full trains all weights without LoRA; drop {', '.join('--' + f.replace('_', '-') for f in lora_flags)}")
+        given = ", ".join("--" + f.replace("_", "-") for f in lora_flags)
+        raise ConfigError(f"--full trains all weights without LoRA; drop {given}")
     if args.demo and "model" in explicit:
         raise ConfigError("--demo uses a small random model; drop --model (or drop --demo to train --model)")
     if args.resume and args.overwrite and "overwrite" in explicit:
@@ -241,9 +247,9 @@ def validate_args(args: argparse.Namespace, explicit: set[str], world_size: int 
 
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise ConfigError(f"--precision {precision} needs a CUDA GPU (this run is on {device.type}); use fp32")
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision in ("bf16", "fp16") and device.type == "mps":
+        raise ConfigError(f"--precision {precision}: mixed precision runs on CUDA or the CPU, not on MPS; use fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision bf16: this GPU has no bfloat16; use fp16 (or auto)")
 
     # Paths.
@@ -355,7 +361,7 @@ def make_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -
     # Weight decay on every trainable tensor, as microsoft/LoRA does (its no_decay_bias is off).
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps,
-                             weight_decay=args.weight_decay, fused=device.type == "cuda")
+                             weight_decay=args.weight_decay, fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -765,7 +771,7 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
         torch.backends.cudnn.allow_tf32 = True
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision in ("bf16", "fp16") else nullcontext())
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = make_optimizer(model, args, device)
@@ -799,7 +805,8 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
 
     train_model: torch.nn.Module = model
     if args.compile:
-        train_model = torch.compile(train_model)
+        # Bucketed batches come in many lengths: compile once for any length, not once per length.
+        train_model = torch.compile(train_model, dynamic=True)
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
@@ -843,7 +850,8 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
                                               tokens_per_s=tokens_per_s, elapsed_s=time.time() - started))
             if (args.dev_every and step % args.dev_every == 0) or step == total_steps:
                 dev_loss = evaluate_loss(model, dev_examples, args, dist, device, autocast)
-                say(f"dev loss {dev_loss:.4f} (perplexity {math.exp(min(dev_loss, 50)):.2f}) at step {step}", flush=True)
+                perplexity = math.exp(min(dev_loss, 50))
+                say(f"dev loss {dev_loss:.4f} (perplexity {perplexity:.2f}) at step {step}", flush=True)
                 if dist.is_main:
                     append_log(log_path, dict(step=step, dev_loss=dev_loss))
             if stop_votes or (args.save_every and step % args.save_every == 0) or step == total_steps:

@@ -15,6 +15,12 @@ all MRs --batch at a time. Greedy tokens must be identical to generate()'s, and 
 identical to our cached one-prompt run (with or without cache, in a batch or not).
 Prints a Markdown table.
 
+Last, a floor: the time the weight matmuls alone of decoding one MR take (`matmul_floor`: every
+projection and the LM head called through the model's own modules on random inputs, nothing else),
+for ours and for transformers' model. generate()'s time over our floor is the most that any
+faster decoding loop around our model could gain over generate(): if it is below a target, the
+target needs faster matmuls (or fewer), not a better loop.
+
 Threads change the picture. With torch's default (all cores) on a machine that other processes
 also use, every small op waits for a descheduled thread, which costs generate()'s many small ops
 far more than ours: ratios then swing from run to run. --threads 1 gives steady numbers, and its
@@ -109,6 +115,32 @@ def batched_methods(ours: GPT, n: int, batch: int) -> dict[tuple[str, str], Call
     }
 
 
+def matmul_floor(linears: list[nn.Module], lm_head: nn.Module, prompt_len: int, steps: int, rows: int) -> float:
+    """Seconds that only the weight matmuls of decoding one prompt take: every projection of every
+    block on the prompt's positions, then `steps` steps of `rows` rows (1 for greedy, the beam size
+    for beam search), the LM head on one row for the prompt and on every row at each step. Called
+    through the model's own modules (nn.Linear in ours, Conv1D in transformers), so the BLAS
+    calls are the real ones; attention, layer norms, sampling and bookkeeping are left out, so no
+    decoder built on these modules can be faster."""
+    def project(n: int) -> None:
+        for linear in linears:
+            in_features = linear.in_features if isinstance(linear, nn.Linear) else linear.weight.size(0)
+            linear(torch.randn(n, in_features))
+    start = time.perf_counter()
+    project(prompt_len)
+    lm_head(torch.randn(1, lm_head.in_features))
+    for _ in range(steps):
+        project(rows)
+        lm_head(torch.randn(rows, lm_head.in_features))
+    return time.perf_counter() - start
+
+
+def block_linears(model: nn.Module) -> list[nn.Module]:
+    """The four projections of every block, in forward order (both models name them alike)."""
+    blocks = model.h if isinstance(model, GPT) else model.transformer.h
+    return [m for block in blocks for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mrs", type=int, default=4, help="MRs decoded by every method in every round")
@@ -129,6 +161,8 @@ def main() -> None:
     seconds: dict[tuple, dict[tuple[int, int], tuple[float, float]]] = {key: {} for key in single}
     batched_seconds: dict[tuple, list[tuple[float, float]]] = {key: [] for key in batched}
     outputs: dict[tuple, list[list[int]]] = {}
+    floors: dict[tuple, dict[tuple[int, int], float]] = {  # (decoding, model) -> (round, MR) -> seconds
+        (decoding, name): {} for decoding in ("greedy", "beam 10") for name in ("ours", "transformers")}
 
     with torch.inference_mode():
         for key, run in single.items():  # warm-up: first-call allocations and lazy imports
@@ -140,6 +174,11 @@ def main() -> None:
                 for key in keys if (r + i) % 2 == 0 else keys[::-1]:  # alternate who goes first
                     tokens, seconds[key][r, i] = timed(single[key], prompt)
                     outputs.setdefault(key + (1,), [None] * len(prompts))[i] = tokens
+                for (decoding, name), times in floors.items():
+                    rows = 1 if decoding == "greedy" else BEAM["beam_size"]
+                    model = ours if name == "ours" else hf
+                    times[r, i] = matmul_floor(block_linears(model), model.lm_head, len(prompt),
+                                               args.new_tokens - 1, rows)
                 print(f"round {r + 1}/{args.rounds}, MR {i + 1}/{len(prompts)}: " + ", ".join(
                     f"{d} {impl} {seconds[d, impl][r, i][0]:.1f}s" for d, impl in keys), flush=True)
             for key, run in batched.items():
@@ -150,6 +189,7 @@ def main() -> None:
 
     check_outputs(outputs, args.new_tokens)
     print_table(seconds, batched_seconds, len(prompts), args)
+    print_floors(floors, seconds, args)
 
 
 def timed(run: Callable, arg) -> tuple[object, tuple[float, float]]:
@@ -198,9 +238,29 @@ def print_table(seconds: dict, batched_seconds: dict, n_mrs: int, args) -> None:
           "the median over MRs and rounds of generate()'s time over ours on the same MR, timed back to back "
           "(batched rows: their median MRs/s over generate()'s); wall-clock and CPU time of this process.")
     for decoding in ("greedy", "beam 10"):
-        print(f"KV cache vs none, {decoding}: {ratio((decoding, 'ours, no cache'), (decoding, 'ours, KV cache'), 0):.1f}x "
-              f"faster (wall), {ratio((decoding, 'ours, no cache'), (decoding, 'ours, KV cache'), 1):.1f}x (CPU); "
+        no_cache, cached = (decoding, "ours, no cache"), (decoding, "ours, KV cache")
+        print(f"KV cache vs none, {decoding}: {ratio(no_cache, cached, 0):.1f}x "
+              f"faster (wall), {ratio(no_cache, cached, 1):.1f}x (CPU); "
               f"{args.slow_mrs} MR(s) x {args.rounds} rounds")
+
+
+def print_floors(floors: dict, seconds: dict, args) -> None:
+    """How close each side runs to its matmuls alone, and the most any speed-up of our code around
+    those matmuls could give over generate() (its time over our matmuls-only time)."""
+    impl = {"ours": "ours, KV cache", "transformers": "transformers generate()"}
+    print(f"\nThe weight matmuls alone of decoding one MR (`matmul_floor`), {args.threads} thread(s):\n")
+    print("| decoding | model | matmuls alone, tokens/s | measured, tokens/s | time in matmuls |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for (decoding, name), times in floors.items():
+        floor = statistics.median(times.values())
+        measured = statistics.median(t[0] for t in seconds[decoding, impl[name]].values())
+        print(f"| {decoding} | {name} | {args.new_tokens / floor:.1f} | {args.new_tokens / measured:.1f} "
+              f"| {100 * floor / measured:.0f}% |")
+    for decoding in ("greedy", "beam 10"):
+        generate = seconds[decoding, impl["transformers"]]
+        ceiling = statistics.median(generate[k][0] / floors[decoding, "ours"][k] for k in floors[decoding, "ours"])
+        print(f"generate() time over our matmuls-only time, {decoding}: {ceiling:.2f}x "
+              "(the most a faster decoding loop around our model could reach)")
 
 
 if __name__ == "__main__":

@@ -175,12 +175,12 @@ def bench_e2e(n_batches: int, repeats: int) -> str:
     peft_model, ours = reference_and_ours()
     opt_peft, opt_ours = adamw(peft_model), adamw(ours)
     args = train.parse_args(["--batch-size", "8"])[0]  # the recipe's flags (label smoothing 0.1, ...)
-    dist, device, scaler = train.Dist(), torch.device("cpu"), torch.amp.GradScaler("cuda", enabled=False)
+    dist, device, scaler = train.Dist(), torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
 
-    def epoch_ours(seed: int, n_batches: int | None = None) -> tuple[int, int]:
+    def epoch_ours(seed: int, n_batches: int | None = None) -> tuple[int, int, int]:
         """train.py's loop: bucketed batches, logits only at loss positions (`seed`: unused,
-        the batches are train.py's)."""
-        real = positions = 0
+        the batches are train.py's). Returns (real, computed, LM-head) positions."""
+        real = positions = head = 0
         for batch in plan[:n_batches]:
             micro = train.micro_batches(examples, batch, args, dist, device)
             train.train_step(ours, micro, train.loss_tokens(examples, batch), args, dist, train.nullcontext(), scaler)
@@ -189,13 +189,14 @@ def bench_e2e(n_batches: int, repeats: int) -> str:
             input_ids = micro[0][0]  # (B, T): one micro-batch, T = longest example - 1
             real += sum(len(examples[i].input_ids) - 1 for i in batch)
             positions += input_ids.numel()
-        return real, positions
+            head += train.loss_tokens(examples, batch)
+        return real, positions, head
 
-    def epoch_reference(seed: int, n_batches: int | None = None) -> tuple[int, int]:
+    def epoch_reference(seed: int, n_batches: int | None = None) -> tuple[int, int, int]:
         """The standard loop: shuffled batches, dynamic padding, labels -100 on prompt and pad."""
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
-        real = positions = 0
+        real = positions = head = 0
         for start in range(0, len(order), 8)[:n_batches]:
             batch = [examples[i] for i in order[start:start + 8]]
             width = max(len(ex.input_ids) for ex in batch)
@@ -213,7 +214,8 @@ def bench_e2e(n_batches: int, repeats: int) -> str:
             opt_peft.zero_grad(set_to_none=True)
             real += int(attention_mask.sum())
             positions += input_ids.numel()
-        return real, positions
+            head += input_ids.numel()  # the model computes logits at every position
+        return real, positions, head
 
     runs = {"lora-min (train.py loop)": epoch_ours, "transformers + peft, standard loop": epoch_reference}
     for run in runs.values():
@@ -227,14 +229,17 @@ def bench_e2e(n_batches: int, repeats: int) -> str:
 
     lines = [f"{len(examples)} examples from {what} (the first {len(plan)} batches of a train.py run), batch 8, "
              f"gpt2 (124M) config, LoRA r=4, float32; median of {repeats} interleaved passes over them.", "",
-             "| loop | examples/s | examples per CPU-second | padding positions | speed-up (wall, CPU) |",
-             "|---|---|---|---|---|"]
+             "| loop | examples/s | examples per CPU-second | padding positions | positions per example: "
+             "blocks, LM head | speed-up (wall, CPU) |",
+             "|---|---|---|---|---|---|"]
     reference = [statistics.median(t) for t in zip(*seconds["transformers + peft, standard loop"])]
     for name in runs:
         wall, cpu = (statistics.median(t) for t in zip(*seconds[name]))
-        real, positions = counts[name]
+        real, positions, head = counts[name]
         lines.append(f"| {name} | {len(examples) / wall:.2f} | {len(examples) / cpu:.2f} | "
-                     f"{100 * (1 - real / positions):.0f}% | {reference[0] / wall:.2f}x, {reference[1] / cpu:.2f}x |")
+                     f"{100 * (1 - real / positions):.0f}% | "
+                     f"{positions / len(examples):.1f}, {head / len(examples):.1f} "
+                     f"| {reference[0] / wall:.2f}x, {reference[1] / cpu:.2f}x |")
     return "\n".join(lines)
 
 
@@ -259,7 +264,8 @@ def bench_full(steps: int, repeats: int) -> str:
                 if done.returncode:
                     raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
                 log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-                tokens_per_s = statistics.median(rec["tokens_per_s"] for rec in log if "loss" in rec and rec["step"] > 1)
+                tokens_per_s = statistics.median(rec["tokens_per_s"] for rec in log
+                                                 if "loss" in rec and rec["step"] > 1)
                 summary = json.loads((out / "summary.json").read_text())
                 results[name].append((tokens_per_s, summary["peak_memory_bytes"], summary["trainable_params"]))
     lines = [f"gpt2 (124M) configuration, random weights, batch 8 of {what}, {steps} steps per run (the first "
