@@ -122,16 +122,19 @@ def matmul_floor(linears: list[nn.Module], lm_head: nn.Module, prompt_len: int, 
     through the model's own modules (nn.Linear in ours, Conv1D in transformers), so the BLAS
     calls are the real ones; attention, layer norms, sampling and bookkeeping are left out, so no
     decoder built on these modules can be faster."""
-    def project(n: int) -> None:
-        for linear in linears:
-            in_features = linear.in_features if isinstance(linear, nn.Linear) else linear.weight.size(0)
-            linear(torch.randn(n, in_features))
+    def inputs(n: int) -> list[torch.Tensor]:  # made before the clock starts
+        return [torch.randn(n, m.in_features if isinstance(m, nn.Linear) else m.weight.size(0)) for m in linears]
+
+    prompt_inputs, step_inputs = inputs(prompt_len), inputs(rows)
+    head_first, head_step = torch.randn(1, lm_head.in_features), torch.randn(rows, lm_head.in_features)
     start = time.perf_counter()
-    project(prompt_len)
-    lm_head(torch.randn(1, lm_head.in_features))
+    for linear, x in zip(linears, prompt_inputs):
+        linear(x)
+    lm_head(head_first)
     for _ in range(steps):
-        project(rows)
-        lm_head(torch.randn(rows, lm_head.in_features))
+        for linear, x in zip(linears, step_inputs):
+            linear(x)
+        lm_head(head_step)
     return time.perf_counter() - start
 
 
