@@ -187,10 +187,10 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------- mixed precision
 
-def loss_with_events(overflow_at: int | None = None, sigterm_at: int | None = None):
-    """train.masked_lm_loss, but its `overflow_at`-th call returns the loss times 1e30 (fp16
-    gradients overflow) and its `sigterm_at`-th call sends this process SIGTERM (as Ctrl-C or a
-    cluster's scheduler would; the run saves after that step and exits)."""
+def loss_with_events(multiply_at: int | None = None, by: float = 1e30, sigterm_at: int | None = None):
+    """train.masked_lm_loss, but its `multiply_at`-th call returns the loss times `by` (1e30: fp16
+    gradients overflow; nan: a diverged run) and its `sigterm_at`-th call sends this process
+    SIGTERM (as Ctrl-C or a cluster's scheduler would; the run saves after that step and exits)."""
     real, calls = train.masked_lm_loss, {"n": 0}
 
     def loss(*args, **kwargs):
@@ -198,7 +198,7 @@ def loss_with_events(overflow_at: int | None = None, sigterm_at: int | None = No
         value = real(*args, **kwargs)
         if calls["n"] == sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return value * 1e30 if calls["n"] == overflow_at else value
+        return value * by if calls["n"] == multiply_at else value
     return loss
 
 
@@ -238,15 +238,7 @@ def test_mixed_precision_trains_like_fp32_and_resumes_exactly(tmp_path, monkeypa
 # --------------------------------------------------------------------------- failures
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    real_loss = train.masked_lm_loss
-
-    def loss_that_turns_nan_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(train, "masked_lm_loss", loss_that_turns_nan_at_step_7)
+    monkeypatch.setattr(train, "masked_lm_loss", loss_with_events(multiply_at=7, by=float("nan")))
     out = tmp_path / "run"
     assert train.main(TINY + ["--max-steps", "10", "--save-every", "3", "--out", str(out)]) == 1
     err = capsys.readouterr().err
