@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from lora_min.decode import EOS_IDS, greedy
-from lora_min.hf_interop import export_merged, export_peft, import_peft
+from lora_min.hf_interop import export_merged, export_peft, import_peft, read_peft_config
 from lora_min.model import (
     GPT,
     GPT2_SIZES,
@@ -497,8 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         export_peft(args.out_dir, tensors, lora_config_from_metadata(metadata), base_model=metadata["base_model"])
         print(f"wrote {args.out_dir}/adapter_config.json and adapter_model.safetensors")
     elif args.command == "import-peft":
-        base = args.base or json.loads((Path(args.peft_dir) / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
+        base = args.base or read_peft_config(args.peft_dir).get("base_model_name_or_path")
         if not base:
             raise SystemExit("adapter_config.json names no base model; pass --base")
         base = {hub: name for name, hub in HUB_NAMES.items()}.get(base, base)

@@ -440,6 +440,31 @@ def test_import_peft_names_what_lora_min_cannot_express(hf_base, tmp_path):
         import_peft(tmp_path / "bias", CONFIG)
 
 
+def test_import_peft_refuses_an_adapter_made_for_fewer_layers(hf_base, tmp_path):
+    peft_trained_elsewhere(hf_base, tmp_path / "peft", r=2, target_modules=["c_attn"])  # for the 2-layer base
+    deeper = GPTConfig(n_layer=3, n_head=2, n_embd=16, vocab_size=50, block_size=32)
+    with pytest.raises(ValueError, match=r"attn.c_attn has LoRA tensors for layers \[0, 1\], but "
+                                         r"adapter_config.json says layers \[0, 1, 2\] of this 3-layer base"):
+        import_peft(tmp_path / "peft", deeper)
+
+
+@pytest.mark.parametrize("config_text, problem", [
+    ('{"peft_type": "LORA", "r": 2,', "adapter_config.json: not valid JSON"),
+    ('["LORA"]', "adapter_config.json: not a JSON object"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": "eight"}', "lora_alpha for transformer.h.0.attn.c_attn is 'eight'"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "lora_dropout": "none"}', "lora_dropout is 'none'"),
+])
+def test_a_corrupt_adapter_config_json_is_named(hf_base, tmp_path, config_text, problem):
+    peft_trained_elsewhere(hf_base, tmp_path / "peft", r=2, target_modules=["c_attn"])
+    (tmp_path / "peft" / "adapter_config.json").write_text(config_text)
+    for load in (lambda: import_peft(tmp_path / "peft", CONFIG),
+                 lambda: adapters.main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"),
+                                        "--base", str(hf_base)])):
+        with pytest.raises(ValueError, match=problem) as info:
+            load()
+        assert str(tmp_path / "peft") in str(info.value) and "\n" not in str(info.value)
+
+
 def test_export_merged_loads_in_transformers_with_the_same_logits(hf_base, tmp_path):
     model = GPT.from_pretrained(hf_base, lora=LoRAConfig(r=2, alpha=5, targets=("q", "k", "v", "o")))
     randomize_lora(model, 7).eval()
