@@ -221,7 +221,10 @@ def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def warn_if_not_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Warn, naming the first such tensor, if any tensor holds NaN or inf: every output would too."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    # A sum is NaN or inf when any element is (one fast pass); only then look element by element,
+    # as a float32 sum of finite values can overflow too.
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()
+           and not torch.isfinite(t.sum(dtype=torch.float32)) and not torch.isfinite(t).all()]
     if bad:
         warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, first {bad[0]!r}; "
                       "a model using them computes NaN", stacklevel=3)
