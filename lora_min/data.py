@@ -233,6 +233,8 @@ def read_e2e_csv(path: str | Path) -> list[E2EPair]:
         raise E2EFormatError(f"{path}, line {start}: {err}") from None
     if not header_seen:
         raise E2EFormatError(f"{path}, line 1: empty file, expected the header 'mr,ref'")
+    if not pairs:  # training on it would run 0 steps; scoring it would divide by zero
+        raise E2EFormatError(f"{path}, line {start}: no rows after the header 'mr,ref' (an empty split)")
     return pairs
 
 
