@@ -32,7 +32,6 @@ Where we differ from microsoft/LoRA:
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -45,11 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
 from lora_min.download import DownloadError, download_file
+from lora_min.tokenizer import EOT, get_tokenizer
 
 # --------------------------------------------------------------------------- where
 
@@ -257,18 +256,13 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 
 # --------------------------------------------------------------------------- tokens
 
-EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR, end of the reference, and padding
+# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR, end of the reference,
+# and padding.
 PAD_ID = EOT
 
 # microsoft/LoRA trains on the Prefix-Tuning (Li & Liang, 2021) rendering of each MR,
 # `name : The Vaults | Type : pub | price : more than £ 30`, which renames three slots.
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's byte-level BPE (50257 tokens). Offline: set TIKTOKEN_CACHE_DIR (data/README.md)."""
-    return tiktoken.get_encoding("gpt2")
 
 
 def format_mr(mr: str) -> str:
