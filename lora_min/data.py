@@ -47,7 +47,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from lora_min.download import DownloadError, download_file
+from lora_min.download import DownloadError, download_file, folder_for
 from lora_min.tokenizer import EOT, get_tokenizer
 
 # --------------------------------------------------------------------------- where
@@ -99,12 +99,11 @@ def download_e2e(dest_dir: str | Path | None = None, url: str = E2E_URL, timeout
     The zip goes to a temporary folder inside `dest_dir` (so the final os.replace
     is a same-filesystem, atomic rename). Every CSV is checked against its pinned
     sha256 before any of them is moved into place; on any failure the temporary
-    folder is removed and `dest_dir` holds nothing new. Raises DownloadError.
+    folder is removed and `dest_dir` holds nothing new (nor exists, if this made it). Raises DownloadError.
     """
     dest = resolve_e2e_dir(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
     hint = _by_hand_hint(dest)
-    with tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
+    with folder_for(dest), tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
         zip_path = download_file(url, Path(tmp) / "e2e-dataset.zip", timeout=timeout,
                                  desc="E2E dataset", hint=hint)
         verified = []
