@@ -245,12 +245,11 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -
                          f"names {', '.join(HUB_NAMES)}")
     cache = Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser()
     folder = cache / name_or_path
+    hub_folder = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main"
+    hint = (f"Offline? Download {hub_folder}/config.json and {hub_folder}/model.safetensors by hand (browser, "
+            f"curl) into {folder}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min), or into any "
+            "folder and give that folder instead of the name (train.py --model PATH, GPT.from_pretrained(PATH)).")
     for filename in ("config.json", "model.safetensors"):
-        if (folder / filename).is_file():
-            continue
-        url = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main/{filename}"
-        hint = (f"Offline? Download {url} by hand (browser, curl) and put it at {folder / filename}, "
-                "or pass the path of a downloaded model.safetensors instead of the name, "
-                "e.g. GPT.from_pretrained('/path/to/model.safetensors').")
-        download_file(url, folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
+        if not (folder / filename).is_file():
+            download_file(f"{hub_folder}/{filename}", folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
     return folder / "model.safetensors"

@@ -498,3 +498,16 @@ def test_cli(hf_base, tmp_path, capsys):
     adapters.main(["export-merged", str(tmp_path / "a.safetensors"), str(tmp_path / "merged")])
     with torch.no_grad():
         assert max_diff(hf_model(tmp_path / "merged")(TOKENS).logits, logits(model)) < 1e-5
+
+
+@pytest.mark.parametrize("command", ["info", "export-peft", "import-peft", "export-merged"])
+def test_cli_help_explains_every_argument(command, capsys):
+    with pytest.raises(SystemExit):
+        adapters.main([command, "--help"])
+    usage = capsys.readouterr().out
+    positionals = usage.split("positional arguments:\n")[1].split("\n\n")[0].splitlines()
+    names = [line.split()[0] for line in positionals if line.startswith("  ") and not line.startswith("   ")]
+    assert names  # each has a help text: on its line, or on the next, indented further
+    for i, line in enumerate(positionals):
+        if line.split()[0] in names:
+            assert len(line.split()) > 1 or positionals[i + 1].startswith("   "), line

@@ -360,6 +360,8 @@ def test_resolve_offline_fails_fast_with_hint(tmp_path, monkeypatch):
         resolve_checkpoint("gpt2-xl", cache_dir=tmp_path)
     assert time.monotonic() - started < 5
     message = str(info.value)
-    assert "openai-community/gpt2-xl/resolve/main/" in message
-    assert "GPT.from_pretrained('/path/to/model.safetensors')" in message
-    assert list((tmp_path / "gpt2-xl").iterdir()) == []  # nothing half-written
+    hub = "openai-community/gpt2-xl/resolve/main/"
+    assert f"{hub}config.json and " in message and f"{hub}model.safetensors" in message  # every file needed
+    assert f"into {tmp_path / 'gpt2-xl'}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min)" in message
+    assert "train.py --model PATH" in message
+    assert not (tmp_path / "gpt2-xl").exists()  # nothing half-written, not even an empty folder
