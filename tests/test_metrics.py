@@ -50,7 +50,8 @@ OFFICIAL = {  # (case, mteval): (BLEU, NIST, METEOR, ROUGE_L, CIDEr)
     ("tgen-std", "python"): (0.6616, 8.5446, 0.4504, 0.6914, 2.2312),
     ("tgen-plus", "perl"): (0.6672, 8.5720, 0.4566, 0.6977, 2.2939),
     ("tgen-plus", "python"): (0.6672, 8.5720, 0.4566, 0.6977, 2.2939),
-    ("tgen-minus", "perl"): (0.6380, 7.9623, 0.4226, 0.6893, 2.0084),  # outputs shorter than the references
+    ("tgen-minus", "perl"): (0.6380, 7.9623, 0.4226, 0.6893, 2.0084),  # outputs shorter than the references:
+    ("tgen-minus", "python"): (0.6380, 7.7740, 0.4226, 0.6893, 2.0084),  # NIST's length penalties differ
 }
 OFFICIAL_DIGITS = 5e-5 + 1e-9  # the scorer rounds to four decimals
 FLOAT_SUM_ORDER = 1e-12  # relative: the same sums added up in another order
