@@ -8,21 +8,18 @@ and the tensors the training loop and the evaluation consume:
 
     download_e2e / ensure_e2e        the official zip -> three verified CSVs on disk
     read_e2e_csv, group_references   CSV -> (mr, ref) pairs -> each MR with all its refs
+    paper_words, format_mr/ref       the paper's text: microsoft/LoRA's data/e2e/*.txt, rebuilt
     encode_prompt, encode_example    text -> GPT-2 tokens, formatted as microsoft/LoRA does
     make_examples, iterate_batches   token lists -> padded (input_ids, targets, loss_mask)
     masked_lm_loss                   the label-smoothed loss over reference tokens only
 
 One training sequence (microsoft/LoRA, examples/NLG/src/gpt2_encode.py and data_utils.py):
 
-    [name : The Vaults | Type : pub] [<|endoftext|>] [ The Vaults is a pub.] [<|endoftext|>]
-     the formatted MR                 separator       ' ' + reference         end
+    [name : The Vaults | Type : pub] [<|endoftext|>] [ The Vaults is a pub . ] [<|endoftext|>]
+     the formatted MR                 separator       ' ' + completion         end
      prompt: not in the loss                          completion: in the loss
 
 Where we differ from microsoft/LoRA:
-  * Its data/e2e/*.txt files (made by the Prefix-Tuning preprocessing) hold space-
-    tokenised text (`more than £ 30`); we encode the official CSV text unchanged
-    except that whitespace runs in a reference collapse to one space, so generated
-    text needs no detokenising before scoring.
   * collate drops the last input position instead of giving it a padding target:
     the same loss with one position fewer.
   * Batches are padded to their longest sequence (with optional length bucketing),
