@@ -265,9 +265,9 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 # The MR becomes `slot : value | ...` with three slots renamed, and every value and reference is
 # split into words by the rules in paper_words, joined by single spaces. The completion ends with
 # one space (their files do, and microsoft/LoRA trains on ' ' + completion, that space included).
-# The test set's references were tokenized by a different tool from the train/dev ones (the
-# test references were published a year later); the rules marked "test" / "train and dev" below
-# are where the two disagree. `--text raw-csv` (TEXTS) trains on the CSV text unchanged instead.
+# The test set's references were evidently tokenized by a different tool from the train/dev
+# ones; the rules marked "test" / "train and dev" below are where the two disagree (train.txt
+# is assumed to follow the dev rules: it is not here to check, see data/README.md). `--text raw-csv` (TEXTS) trains on the CSV text unchanged instead.
 
 TEXTS = ("paper", "raw-csv")  # the paper's tokenized text (default) or the official CSV text as is
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
@@ -290,8 +290,8 @@ def paper_words(text: str, split: str = "train") -> list[str]:
     Each whitespace-separated word is cut in three steps:
       1. punctuation off both ends, outside in: "£30" -> "£ 30", "'average'," -> "' average ' ,",
          "center.," -> "center . ,"; "£." -> "£ ."; but "non-" and "-friendly" keep their hyphen.
-         train and dev: a number's period before a lower-case word stays ("of 5. in the city"),
-         the one place where their tool did not take a period for the end of a sentence.
+         train and dev: a number's period before a lower-case word stays ("of 5. in the city";
+         the one such word in dev, where their tool did not take the period for a sentence end).
       2. a clitic off the end: "It's" -> "It 's", "You'll" -> "You 'll"; for "n't" the two tools
          differ: test "isn't" -> "is n't", train and dev "isn't" -> "isn 't"; and test alone
          splits "thats" -> "that s".

@@ -550,9 +550,11 @@ def e2e_scores_both(hypotheses: list[str], references: list[list[str]],
         coco["METEOR"], meteor_problem = meteor_result.result()
     if meteor_problem is not None:
         coco["METEOR_unavailable"] = meteor_problem
-    return {mteval: {name: scores.get(name, coco.get(name)) for name in METRICS}
-            | {k: v for k, v in (scores | coco).items() if k.endswith("_unavailable")}
-            for mteval, scores in by_mteval.items()}
+    both = {}
+    for mteval, bleu_and_nist in by_mteval.items():
+        merged = bleu_and_nist | coco
+        both[mteval] = {name: merged.pop(name) for name in METRICS} | merged  # the five, then any "..._unavailable"
+    return both
 
 
 def _bleu_and_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], mteval: str) -> dict:

@@ -465,3 +465,11 @@ def test_format_scores_shows_the_paper_scale():
     assert table.splitlines()[2].split() == ["NIST", "8.54", "8.85"]
     assert table.splitlines()[5].split() == ["CIDEr", "2.23", "2.53"]
     assert PAPER_GPT2_M_LORA == {"BLEU": 0.704, "NIST": 8.85, "METEOR": 0.468, "ROUGE_L": 0.718, "CIDEr": 2.53}
+    # with the challenge's (Perl) figures beside, and a legend saying which column is which
+    table = format_scores({"BLEU": 0.638, "NIST": 7.774, "METEOR": None, "ROUGE_L": 0.6893, "CIDEr": 2.0084,
+                           "METEOR_unavailable": "java not found on PATH"},
+                          official={"BLEU": 0.638, "NIST": 7.9623, "METEOR": None, "ROUGE_L": 0.6893, "CIDEr": 2.0084})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "ours", "paper", "Perl"] and lines[2].split() == ["NIST", "7.77", "8.85", "7.96"]
+    assert "measure_scores.py -p" in lines[6] and "Perl mteval" in lines[7]
+    assert lines[8] == "(METEOR n/a: java not found on PATH)"
