@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from lora_min import decode
 from lora_min.data import decode_completion, encode_prompt, group_references, load_split
 from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
+from lora_min.fileio import atomic_write_text
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
 from lora_min.model import GPT, GPT2_SIZES, GPTConfig
 
@@ -75,11 +74,11 @@ def evaluate_split(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
-    write_text_atomic(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
+    atomic_write_text(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
+    atomic_write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
     summary = {"split": split, "mrs": len(groups), "scores": scores, "paper_gpt2_m_lora": PAPER_GPT2_M_LORA,
                "decoding": settings, "decode_seconds": round(decode_seconds, 2)}
-    write_text_atomic(out / "scores.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "scores.json", json.dumps(summary, indent=2) + "\n")
     return scores
 
 
@@ -131,18 +130,6 @@ def paper_size_note(config: GPTConfig, base: str) -> str | None:
     ours = f"{size}, {config.n_layer} layers" if size else f"{config.n_layer} layers, {config.n_embd} wide"
     return (f"note: the model ({base}: {ours}) is not the paper's GPT-2 M (gpt2-medium, 24 layers), "
             "so its scores are not comparable with the paper row")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------
