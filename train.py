@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lora_min.checkpoint import StopSignal, load_checkpoint, save_checkpoint, start_fresh, weights_path
+from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save_checkpoint, start_fresh,
+                                 weights_path)
 from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
                            load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
                            resolve_e2e_dir)
@@ -47,7 +48,8 @@ from lora_min.distributed import (Dist, all_reduce_sum, barrier, init_distribute
                                   pick_device, resolve_precision)
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
-from lora_min.flags import ConfigError, HelpFormatter, adopt_run_config, check_out_dir, given_flags, validate_args
+from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
+                           validate_args)
 from lora_min.metrics import format_scores
 from lora_min.model import GPT, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
@@ -267,13 +269,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out_dir(args)
             adopt_run_config(args, explicit)
         validate_args(args, explicit, dist.world_size)
-        device = pick_device(args.device, dist.local_rank)
-        precision = resolve_precision(args.precision, device)
-        train_examples, dev_examples, model = prepare(args, dist, say)
-        return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
+        with lock_out_dir(args.out) if dist.is_main else nullcontext():
+            check_out_dir(args)  # again, holding --out: another run may have started in it meanwhile
+            device = pick_device(args.device, dist.local_rank)
+            # run.json records what auto became, so that a resumed run computes in the same precision.
+            args.precision = precision = resolve_precision(args.precision, device)
+            train_examples, dev_examples, model = prepare(args, dist, say)
+            if not args.no_eval:
+                check_decoding_fits(args, model.config, device)
+            return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
     except ConfigError as err:
         say(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing a checkpoint, log or result failed: a full disk, a lost mount
+        resume = (f"then `python train.py --resume --out {args.out}` continues from the last checkpoint"
+                  if (Path(args.out) / "resume.pt").is_file() else "then run again")
+        say(f"train.py: error: {err.filename or args.out}: {err.strerror or err}; {resume}", file=sys.stderr)
+        return 1
     finally:
         leave(dist)
 
@@ -338,7 +350,10 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if args.resume:
         step, position = load_checkpoint(model, optimizer, scaler, args, dist, device)
         if dist.is_main:
-            truncate_log(log_path, step)
+            try:
+                truncate_log(log_path, step)
+            except ValueError as err:  # a damaged line before the last
+                raise ConfigError(str(err)) from None
         say(f"resumed {out} at step {step} (epoch {position.epoch + 1}, batch {position.batch})")
     else:
         torch.manual_seed(args.seed + dist.rank)  # dropout: a different stream in every process
