@@ -167,16 +167,16 @@ def score_checks(score: Score, checks: list, cases: list[list], results: list[li
 # Running a submission: in a child process (always, for grading), or here (for the test suite)
 
 
-def child_limits(limits: Limits) -> None:
-    """Runs in the child between fork and exec: the kernel enforces these whatever it does."""
+def limit(pid: int, limits: Limits) -> None:
+    """Kernel limits on the child, set from here as soon as it exists (it spends its first
+    second importing torch, long before the submission runs); it cannot raise them (the audit
+    hook refuses resource.setrlimit, which root could otherwise use)."""
     cpu = int(limits.total_s) + 5
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     nproc = threads_of_this_user() + limits.processes
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory_bytes),
+                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+        resource.prlimit(pid, which, (value, value))
 
 
 def threads_of_this_user() -> int:
@@ -201,7 +201,7 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
               ) -> tuple[list[dict | None], str, str]:
     """One child process over `cases`, in order. Returns (results, log, how it stopped):
     results[i] is None from the first case that never finished; how it stopped is "" (done),
-    "import" (did not import), "timeout" (stuck in a case), "died" or "deadline"."""
+    "import" (did not import), "import-timeout", "timeout" (stuck in a case), "died" or "deadline"."""
     root = Path(tempfile.mkdtemp(prefix="lora-min-grade-"))
     try:
         workdir, library = root / "work", root / "lib"
@@ -214,7 +214,11 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
             process = subprocess.Popen(
                 [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library)],
                 cwd=workdir, env=child_environment(workdir), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: child_limits(limits))
+                stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                limit(process.pid, limits)
+            except ProcessLookupError:
+                pass  # it is gone already
             stopped = watch(process, workdir, len(cases), limits, deadline)
         results = []
         for i in range(len(cases)):
@@ -247,7 +251,7 @@ def watch(process: subprocess.Popen, workdir: Path, n_cases: int, limits: Limits
             if now > deadline:
                 return "deadline"
             if not imported and now - started > limits.import_s:
-                return "import"
+                return "import-timeout"
             if imported and now - max(last_progress, started) > limits.case_s and done < n_cases:
                 if done == 0 and now - started < limits.import_s + limits.case_s:
                     continue  # the import finished late: its first case gets its own time
@@ -274,10 +278,10 @@ def run_isolated(assignment: str, submission: Path, flat: list, limits: Limits
         got, log, stopped = run_child(ASSIGNMENTS[assignment], submission, [flat[i][1] for i in todo], limits,
                                       deadline)
         violations += [line.split(VIOLATION, 1)[1].strip() for line in log.splitlines() if VIOLATION in line]
-        if stopped in ("import", "deadline") and not any(got):
+        if stopped in ("import", "import-timeout", "deadline") and not any(got):
             if stopped == "deadline":
                 return results, f"grading took longer than {limits.total_s:.0f} s", violations
-            return results, import_error(log, limits, started_late=stopped == "import"), violations
+            return results, import_error(log, limits, started_late=stopped == "import-timeout"), violations
         for i, result in zip(todo, got):
             results[i] = result
         todo = [i for i in todo if results[i] is None]
