@@ -18,6 +18,7 @@ by this process: `score: P/T` is the last line.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import importlib.util
 import io
@@ -326,6 +327,25 @@ def run_here(submission: Path, checks: ModuleType, flat: list) -> tuple[list[dic
         sys.modules.pop(child.STUDENT_MODULE, None)
 
 
+def reference_imports(source: str, allowed: frozenset[str]) -> list[str]:
+    """Imports of lora_min, the reference the checks compare with, beyond what the starter uses."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []  # the import reports it
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [f"line {node.lineno} imports {name}, the reference it is graded against: write it yourself"
+                  for name in names if name.split(".")[0] == "lora_min" and name not in allowed]
+    return found
+
+
 def grade(assignment: str, submission: str | Path, limits: Limits = LIMITS, isolated: bool = True) -> Score:
     """Run every check of `assignment` on the file `submission`."""
     start = time.monotonic()
@@ -337,11 +357,13 @@ def grade(assignment: str, submission: str | Path, limits: Limits = LIMITS, isol
         results, load_error, violations = run_isolated(assignment, submission, flat, limits)
     else:
         results, load_error, violations = run_here(submission, checks, flat)
+    source = submission.read_text(encoding="utf-8", errors="replace")
+    violations += reference_imports(source, getattr(checks, "ALLOWED_IMPORTS", frozenset()))
     score = Score(assignment, checks.TITLE, load_error=load_error, violations=violations)
     per_check: list[list[dict | None]] = [[] for _ in cases]
     for (c, _), result in zip(flat, results):
         per_check[c].append(result if not load_error else {"error": "the file did not import"})
-    score_checks(score, checks.CHECKS, cases, per_check, submission.read_text(encoding="utf-8", errors="replace"))
+    score_checks(score, checks.CHECKS, cases, per_check, source)
     if load_error:
         for result in score.results:
             result.reason = "the file did not import"
