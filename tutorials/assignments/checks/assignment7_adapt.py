@@ -88,14 +88,22 @@ def trainable_lora_cases() -> list[Case]:
 
 
 def reference_run(config, lora, seed, method, input_ids, targets, loss_mask, steps, lr):
+    """The run adapt() must do, with AdamW written out (PyTorch's algorithm, weight decay 0)."""
     model = build(config, lora, seed)
-    optimizer = torch.optim.AdamW(prepare(model, method), lr=lr, weight_decay=0.0)
+    params = prepare(model, method)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
     losses = []
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         loss = masked_lm_loss(model(input_ids), targets, loss_mask)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, m_p, v_p in zip(params, grads, m, v):
+                m_p.mul_(beta1).add_(g, alpha=1 - beta1)
+                v_p.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v_p.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+                p.addcdiv_(m_p, denom, value=-lr / (1 - beta1**t))
         losses.append(loss.item())
     return losses, model.state_dict()
 
