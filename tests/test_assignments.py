@@ -337,6 +337,16 @@ def test_a_loop_that_swallows_timeouts_fails_its_check_and_grading_goes_on(tmp_p
 
 
 @pytest.mark.slow
+def test_a_thread_that_never_ends_does_not_hold_the_grader(tmp_path):
+    solution = solution_path("assignment5").read_text()
+    student = write(tmp_path, "assignment5", solution + "\nimport threading\n"
+                    "threading.Thread(target=lambda: [None for _ in iter(int, 1)]).start()\n")
+    start = time.monotonic()
+    score = grade.grade("assignment5", student, QUICK)
+    assert score.points == score.total and time.monotonic() - start < QUICK.import_s
+
+
+@pytest.mark.slow
 def test_allocating_4_4_gb_fails_without_hurting_the_grader(tmp_path):
     score = grade.grade("assignment5", write(tmp_path, "assignment5", "import torch\nx = torch.ones(1_100_000_000)\n"),
                         QUICK)

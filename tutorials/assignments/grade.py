@@ -32,17 +32,17 @@ import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 if (HERE.parents[1] / "lora_min").is_dir():  # grade against this checkout's lora_min, even as a script
     sys.path.insert(0, str(HERE.parents[1]))
 
-import lora_min  # noqa: E402  (the reference; the child imports this same copy)
-import torch  # noqa: E402
+import lora_min  # the reference; the child imports this same copy
+import torch
 
 CHECKS_DIR = HERE / "checks"
 CHILD = HERE / "child.py"
@@ -131,11 +131,11 @@ def verdict(case, result: dict | None) -> str:
     """"" if the case passed, else why not (one line)."""
     if result is None:
         return "not run"
-    if "error" in result:
-        return str(result["error"])
     try:
+        if "error" in result:  # the child's words: one printable line, so it cannot fake a score line
+            return "".join(c for c in str(result["error"]).strip().split("\n")[0] if c.isprintable())[:300] or "error"
         case.verify(result["outputs"])
-    except AssertionError as err:  # a Failure or a plain assert in a verify function
+    except AssertionError as err:  # a Failure (or a plain assert) in the verdict
         return str(err)
     except Exception as err:  # outputs of the wrong kind (a list for a tensor, ...)
         return f"the outputs are not what the assignment asks for ({type(err).__name__}: {err})"
@@ -240,22 +240,24 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
 
 def watch(process: subprocess.Popen, workdir: Path, n_cases: int, limits: Limits, deadline: float) -> str:
     """Wait for the child; kill its whole process group when it overruns. Returns how it stopped."""
-    started = last_progress = time.monotonic()
+    started = time.monotonic()
+    last_progress = None  # when the submission finished importing, then when a case last finished
     done = 0
     try:
         while process.poll() is None:
             time.sleep(0.05)
             now = time.monotonic()
-            imported = (workdir / "imported").exists()
-            while (workdir / "results" / f"{done}.pt").exists():
+            if last_progress is None and (workdir / "imported").exists():
+                last_progress = now
+            while last_progress is not None and (workdir / "results" / f"{done}.pt").exists():
                 done, last_progress = done + 1, now
+            if done == n_cases:
+                return ""  # every output is in: whatever the child still does, it is killed
             if now > deadline:
                 return "deadline"
-            if not imported and now - started > limits.import_s:
+            if last_progress is None and now - started > limits.import_s:
                 return "import-timeout"
-            if imported and now - max(last_progress, started) > limits.case_s and done < n_cases:
-                if done == 0 and now - started < limits.import_s + limits.case_s:
-                    continue  # the import finished late: its first case gets its own time
+            if last_progress is not None and now - last_progress > limits.case_s and done < n_cases:
                 return "timeout"
         return ""
     finally:
