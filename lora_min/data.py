@@ -257,8 +257,10 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 
 # --------------------------------------------------------------------------- tokens
 
-EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR, end of the reference, and padding
-PAD_ID = EOT
+EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR and end of the reference
+# What padded positions hold, in training batches and in decoding's left-padded prompts: never
+# attended to and never a target, so any id would do; 0 is in every vocabulary, a toy model's too.
+PAD_ID = 0
 
 # microsoft/LoRA trains on the Prefix-Tuning (Li & Liang, 2021) rendering of each MR,
 # `name : The Vaults | Type : pub | price : more than £ 30`, which renames three slots.

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +28,11 @@ import torch
 
 from lora_min import decode
 from lora_min.data import decode_completion, encode_prompt, group_references, load_split
+from lora_min.fileio import atomic_write_text
+from lora_min.flags import ConfigError, check_decoding_flags
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
 from lora_min.model import GPT
+from lora_min.runlog import format_duration, show_progress
 
 
 def evaluate_split(
@@ -72,11 +73,11 @@ def evaluate_split(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
-    write_text_atomic(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
+    atomic_write_text(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
+    atomic_write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
     summary = {"split": split, "mrs": len(groups), "scores": scores, "paper_gpt2_m_lora": PAPER_GPT2_M_LORA,
                "decoding": settings, "decode_seconds": round(decode_seconds, 2)}
-    write_text_atomic(out / "scores.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "scores.json", json.dumps(summary, indent=2) + "\n")
     return scores
 
 
@@ -96,39 +97,15 @@ def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_t
                                             no_repeat_ngram_size, batch_size=len(batch))
         texts += [one_line(decode_completion(tokens)) for tokens in new_tokens]
         if progress is not None:
-            show_progress(progress, len(texts), len(prompts), time.perf_counter() - started, previous=start)
+            done, rate = len(texts), len(texts) / max(time.perf_counter() - started, 1e-9)
+            show_progress(progress, f"decoding: {done}/{len(prompts)} MRs, {rate:.2f} MRs/s, "
+                                    f"{format_duration((len(prompts) - done) / rate)} left", done, len(prompts), start)
     return texts
 
 
 def one_line(text: str) -> str:
     """Whitespace runs (newlines included) as single spaces: one text must be one line in the files."""
     return " ".join(text.split())
-
-
-def show_progress(stream: TextIO, done: int, total: int, seconds: float, previous: int) -> None:
-    """'decoding: 40/630 MRs, 1.9 MRs/s, 5m10s left' on one line, rewritten in place on a terminal;
-    in a log file, a new line at every tenth of the way (and at the end) instead."""
-    if not stream.isatty() and done < total and done * 10 // total == previous * 10 // total:
-        return
-    rate = done / max(seconds, 1e-9)
-    left = (total - done) / rate
-    line = f"decoding: {done}/{total} MRs, {rate:.2f} MRs/s, {int(left // 60)}m{int(left % 60):02d}s left"
-    if stream.isatty():
-        print("\r" + line, end="\n" if done == total else "", file=stream, flush=True)
-    else:
-        print(line, file=stream, flush=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------
@@ -155,18 +132,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs")
     p.add_argument("--out", type=Path, help="output folder (default: eval-<split> beside the adapter)")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
-    g.add_argument("--beam-size", type=positive_int, default=10)
+    g.add_argument("--beam-size", type=int, default=10)
     g.add_argument("--length-penalty", type=float, default=0.9, help="scores are divided by length ** this")
     g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="0 allows repeated n-grams")
-    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side")
+    g.add_argument("--batch-size", type=int, default=8, help="MRs decoded side by side")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")
-    if args.no_repeat_ngram_size < 0:
-        p.error(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+    try:
+        check_decoding_flags(args.beam_size, args.max_new_tokens, args.length_penalty, args.no_repeat_ngram_size,
+                             args.batch_size, "--batch-size")
+    except ConfigError as err:
+        p.error(str(err))
     return args
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from lora_min.download import download_file
+from lora_min.fileio import atomic_write_bytes
 
 # safetensors dtype names <-> torch dtypes (the subset GPT-2 checkpoints and LoRA need).
 DTYPES: dict[str, torch.dtype] = {
@@ -157,17 +158,14 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the buffer starts 8-byte aligned
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            for name in names:  # one tensor at a time: only one CPU copy alive at once
-                raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                f.write(raw.numpy().data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # no-op after a successful os.replace
+    def write(f: BinaryIO) -> None:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for name in names:  # one tensor at a time: only one CPU copy alive at once
+            raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            f.write(raw.numpy().data)
+
+    atomic_write_bytes(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,9 @@
 file is left behind."""
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from lora_min.fileio import atomic_write_bytes, atomic_write_text
@@ -27,3 +30,13 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_pat
         atomic_write_bytes(path, write_half_then_fail)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_the_file_gets_the_usual_permissions(tmp_path):
+    """Like any new file (0o666 less the umask): an adapter written for sharing is not private."""
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "adapter.json", "{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -283,6 +283,9 @@ def make_file(path: Path) -> Path:
     (["--demo", "--lora-targets", "q,x"], "--lora-targets"),
     (["--demo", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
     (["--demo", "--no-eval", "--beam-size", "4"], "--no-eval skips decoding"),
+    (["--demo", "--beam-size", "0"], "--beam-size must be a positive integer, got 0"),
+    (["--demo", "--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
+    (["--demo", "--length-penalty", "nan"], "--length-penalty must be a finite number"),
     pytest.param(["--demo", "--device", "cuda"], "--device cuda: no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
 ])
