@@ -32,7 +32,6 @@ Where we differ from microsoft/LoRA:
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -45,11 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
-from lora_min.download import DownloadError, download_file
+from lora_min.download import DownloadError, download_file, folder_for
+from lora_min.tokenizer import EOT, PAD_ID, get_tokenizer
 
 # --------------------------------------------------------------------------- where
 
@@ -100,12 +99,11 @@ def download_e2e(dest_dir: str | Path | None = None, url: str = E2E_URL, timeout
     The zip goes to a temporary folder inside `dest_dir` (so the final os.replace
     is a same-filesystem, atomic rename). Every CSV is checked against its pinned
     sha256 before any of them is moved into place; on any failure the temporary
-    folder is removed and `dest_dir` holds nothing new. Raises DownloadError.
+    folder is removed and `dest_dir` holds nothing new (nor exists, if this made it). Raises DownloadError.
     """
     dest = resolve_e2e_dir(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
     hint = _by_hand_hint(dest)
-    with tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
+    with folder_for(dest), tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
         zip_path = download_file(url, Path(tmp) / "e2e-dataset.zip", timeout=timeout,
                                  desc="E2E dataset", hint=hint)
         verified = []
@@ -233,6 +231,8 @@ def read_e2e_csv(path: str | Path) -> list[E2EPair]:
         raise E2EFormatError(f"{path}, line {start}: {err}") from None
     if not header_seen:
         raise E2EFormatError(f"{path}, line 1: empty file, expected the header 'mr,ref'")
+    if not pairs:  # training on it would run 0 steps; scoring it would divide by zero
+        raise E2EFormatError(f"{path}, line {start}: no rows after the header 'mr,ref' (an empty split)")
     return pairs
 
 
@@ -257,20 +257,11 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 
 # --------------------------------------------------------------------------- tokens
 
-EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR and end of the reference
-# What padded positions hold, in training batches and in decoding's left-padded prompts: never
-# attended to and never a target, so any id would do; 0 is in every vocabulary, a toy model's too.
-PAD_ID = 0
+# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR and end of the reference.
 
 # microsoft/LoRA trains on the Prefix-Tuning (Li & Liang, 2021) rendering of each MR,
 # `name : The Vaults | Type : pub | price : more than £ 30`, which renames three slots.
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's byte-level BPE (50257 tokens). Offline: set TIKTOKEN_CACHE_DIR (data/README.md)."""
-    return tiktoken.get_encoding("gpt2")
 
 
 def format_mr(mr: str) -> str:

@@ -14,8 +14,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from lora_min.fileio import atomic_write_bytes
 from lora_min.runlog import format_bytes, show_progress
@@ -34,6 +35,23 @@ def _progress_line(desc: str, done: int, total: int | None, started: float) -> s
     return f"{desc}: {amount}  {format_bytes(rate)}/s"
 
 
+@contextmanager
+def folder_for(folder: Path) -> Iterator[Path]:
+    """Create `folder` (and missing parents) for what the block writes there; if the block fails,
+    remove the folders it created again (those still empty), so a failed step leaves none behind."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (something else wrote there meanwhile): keep it
+                break
+        raise
+
+
 def download_file(url: str, dest: str | Path, *, sha256: str | None = None, timeout: float = 10.0,
                   desc: str | None = None, hint: str = "") -> Path:
     """Download `url` to `dest` (always, even if `dest` exists) and return `dest` as a Path.
@@ -44,7 +62,6 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, time
     Raises DownloadError on any network failure, a truncated body or a sha256 mismatch.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     desc = desc or dest.name
     suffix = f" {hint}" if hint else ""
 
@@ -74,6 +91,7 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, time
             raise DownloadError(f"sha256 mismatch for {dest} (from {url}): expected {sha256.lower()}, "
                                 f"got {digest.hexdigest()}.{suffix}")
 
-    # A failed or interrupted download leaves nothing: the temporary file is removed.
-    atomic_write_bytes(dest, fetch, suffix=".part")
+    # A failed or interrupted download leaves nothing behind: no temporary file, no new empty folders.
+    with folder_for(dest.parent):
+        atomic_write_bytes(dest, fetch, suffix=".part")
     return dest

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from lora_min.data import EOT
 from lora_min.fileio import atomic_write_text
 from lora_min.model import (
     CONV1D_WEIGHTS,
@@ -26,6 +25,7 @@ from lora_min.model import (
     LoRAConfig,
     is_lora_param,
 )
+from lora_min.tokenizer import EOT
 from lora_min.weights import HUB_NAMES, load_checkpoint, write_safetensors
 
 #
@@ -106,7 +106,33 @@ def _peft_scaling(config: dict, module: str, rank: int, source: str) -> float:
     if r != rank:
         raise ValueError(f"{source}: {module} has rank {rank} but adapter_config.json says r={r}")
     alpha = pattern_value(config.get("alpha_pattern"), config.get("lora_alpha", 8))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"{source}: lora_alpha for {module} is {alpha!r}, not a positive number")
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def read_peft_config(folder: str | Path) -> dict:
+    """adapter_config.json of a PEFT adapter folder, as a dict; errors name the file."""
+    config_file = Path(folder) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json; is this a PEFT adapter folder?")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON
+        raise ValueError(f"{config_file}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    return config
+
+
+def _adapted_layers(config: dict, n_layer: int) -> set[int] | None:
+    """The layers PEFT put LoRA in, as adapter_config.json says (None: a regex or exclusion decided)."""
+    if isinstance(config.get("target_modules"), str) or config.get("exclude_modules"):
+        return None
+    layers = config.get("layers_to_transform")
+    if layers is None:  # target_modules names modules, matched in every layer
+        return set(range(n_layer))
+    return {layers} if isinstance(layers, int) else set(layers)
 
 
 def _check_peft_config(config: dict, source: str) -> None:
@@ -134,9 +160,7 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
     """
     folder = Path(folder)
     config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json; is this a PEFT adapter folder?")
-    config = json.loads(config_file.read_text())
+    config = read_peft_config(folder)
     _check_peft_config(config, str(config_file))
     found = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
     if not found:
@@ -154,6 +178,14 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
         if layer >= base.n_layer:
             raise ValueError(f"{found[0]}: {key!r}: layer {layer}, but the base has {base.n_layer} layers")
         pairs.setdefault((layer, module), {})[which] = value
+
+    expected = _adapted_layers(config, base.n_layer)
+    for module in sorted({module for _, module in pairs}):
+        layers = sorted(layer for layer, m in pairs if m == module)
+        if expected is not None and set(layers) != expected:
+            raise ValueError(f"{found[0]}: {module} has LoRA tensors for layers {layers}, but {config_file.name} "
+                             f"says layers {sorted(expected)} of this {base.n_layer}-layer base: the adapter "
+                             "was made for another base")
 
     C = base.n_embd
     updates: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}  # (layer, target) -> A, B, scale
@@ -189,7 +221,10 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
                 A[: A_t.size(0)] = A_t
                 B[:, : B_t.size(1)] = B_t if scale_t == scale else B_t * (scale_t / scale)
             tensors[f"h.{layer}.attn.lora.{t}.A"], tensors[f"h.{layer}.attn.lora.{t}.B"] = A, B
-    return tensors, LoRAConfig(r=r, alpha=scale * r, dropout=float(config.get("lora_dropout", 0.0)), targets=targets)
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"{config_file}: lora_dropout is {dropout!r}, not a number in [0, 1)")
+    return tensors, LoRAConfig(r=r, alpha=scale * r, dropout=float(dropout), targets=targets)
 
 
 @torch.no_grad()
