@@ -44,8 +44,9 @@ from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save
 from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
                            load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
                            resolve_e2e_dir)
-from lora_min.distributed import (Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes,
-                                  pick_device, resolve_precision)
+from lora_min.device import autocast as autocast_for
+from lora_min.device import DEVICES, PRECISIONS, pick_device, pick_precision
+from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
@@ -122,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     # microsoft/LoRA's E2E script: --random_seed 110
     g.add_argument("--seed", type=int, default=110, help="seed of initialisation, data order and dropout")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA GPUs that support it, fp16 with a grad scaler on older "
                         "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
                         "bfloat16 instructions gain from them)")
@@ -271,9 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_args(args, explicit, dist.world_size)
         with lock_out_dir(args.out) if dist.is_main else nullcontext():
             check_out_dir(args)  # again, holding --out: another run may have started in it meanwhile
-            device = pick_device(args.device, dist.local_rank)
-            # run.json records what auto became, so that a resumed run computes in the same precision.
-            args.precision = precision = resolve_precision(args.precision, device)
+            try:
+                device = pick_device(args.device, dist.local_rank)
+                # run.json records what auto became, so that a resumed run computes in the same precision.
+                args.precision = precision = pick_precision(args.precision, device)
+            except ValueError as err:  # the device or precision asked for is not there
+                raise ConfigError(str(err)) from None
             train_examples, dev_examples, model = prepare(args, dist, say)
             if not args.no_eval:
                 check_decoding_fits(args, model.config, device)
@@ -333,8 +337,7 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else nullcontext())
+    autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing

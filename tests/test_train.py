@@ -376,6 +376,8 @@ def make_file(path: Path) -> Path:
     (["--demo", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
     (["--demo", "--max-new-tokens", "1024"], "--max-new-tokens 1024 plus the longest test prompt"),
     (["--demo", "--beam-size", "100000"], "--beam-size 100000 x --eval-batch-size 8 = 800,000 beams need about"),
+    (["--demo", "--beam-size", "0"], "--beam-size must be a positive integer, got 0"),
+    (["--demo", "--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
     pytest.param(["--demo", "--device", "cuda"], "--device cuda: no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
 ])
