@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save_checkpoint, start_fresh,
                                  weights_path)
-from lora_min.data import (E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches, load_split, loss_tokens,
-                           make_examples, masked_lm_loss, micro_batches, num_batches, resolve_e2e_dir)
+from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
+                           load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
+                           resolve_e2e_dir)
 from lora_min.distributed import (Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes,
                                   pick_device, resolve_precision)
 from lora_min.evaluate import evaluate_split
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="folder with the E2E CSVs (trainset.csv, devset.csv, testset_w_refs.csv); 'demo' is "
                         "the small set in data/demo. Default: $LORA_MIN_E2E_DIR, else data/e2e (downloaded)")
+    g.add_argument("--text", default="paper", choices=TEXTS,
+                   help="paper: the text the paper trained and scored on (microsoft/LoRA's data/e2e/*.txt, "
+                        "rebuilt from the CSVs: 'Blue Spice . It 's £ 20 - 25'); raw-csv: the CSV text as it is")
     g.add_argument("--out", default=None,
                    help="output folder for checkpoints, logs and scores (default: runs/e2e-<model>-lora or -full)")
     g.add_argument("--demo", action="store_true",
@@ -291,7 +295,7 @@ def load_examples(args: argparse.Namespace, split: str, dist: Dist) -> list[Exam
     if dist.is_main:  # only rank 0 downloads (when the default folder is empty); the others wait
         ensure_e2e(args.data_dir)
     barrier(dist)
-    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len)
+    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len, args.text)
     if n_truncated and dist.is_main:
         print(f"note: {n_truncated} {split} examples are longer than --max-len {args.max_len} and were cut")
     return examples
@@ -458,7 +462,8 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
 
 
 def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
-    """Decode --eval-split with beam search and score it with the five E2E metrics."""
+    """Decode --eval-split with beam search and score it with the five E2E metrics, as the paper's
+    scorer (measure_scores.py -p) and as the E2E challenge's (Perl mteval) computes them."""
     model.eval()
     model.merge_lora()  # fold B A into the weights: decoding costs what the base model costs (Section 4.1)
     print(f"decoding {args.eval_split} with beam size {args.beam_size}" +
@@ -468,9 +473,9 @@ def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
                                 out_dir=Path(args.out) / "eval", beam_size=args.beam_size,
                                 max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.eval_batch_size,
-                                limit=args.eval_limit or None)
+                                limit=args.eval_limit or None, text=args.text)
     print(f"scores on {args.eval_split} (generated text and scores.json in {Path(args.out) / 'eval'}):")
-    print(format_scores(scores))
+    print(format_scores(scores["scores"], official=scores["scores_perl"]))
     if args.demo:
         print("(a random model: these scores only show that the pipeline runs)")
     return scores

@@ -22,7 +22,7 @@ from lora_min.weights import HUB_NAMES
 # Flags that decide what the model learns. Resuming adopts them from the run's run.json;
 # giving one with a different value is refused.
 # (--grad-accum and --precision change float rounding: the resumed run would not be bitwise the same.)
-RUN_FLAGS = ("demo", "model", "data_dir", "full", "lora_targets", "lora_r", "lora_alpha", "lora_dropout",
+RUN_FLAGS = ("demo", "model", "data_dir", "text", "full", "lora_targets", "lora_r", "lora_alpha", "lora_dropout",
              "lr", "weight_decay", "beta1", "beta2", "adam_eps", "warmup_steps", "epochs", "max_steps",
              "batch_size", "grad_accum", "precision", "label_smoothing", "max_len", "grad_clip", "seed")
 

@@ -22,7 +22,8 @@ import torch
 
 import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
 from lora_min.adapters import load_adapter
-from lora_min.data import DEMO_DIR, Example, Position, global_batches
+from lora_min.data import DEMO_DIR, Example, Position, encode_example, global_batches, load_split
+from lora_min.distributed import Dist
 from lora_min.model import GPT, lora_state_dict
 from lora_min.weights import read_safetensors
 
@@ -465,8 +466,20 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["peak_memory_bytes"] > 0
     assert 30_000 < summary["weights_bytes"] < 50_000  # 4 layers x (q, v) x (A + B) of r=4 x 128, float32
-    assert set(summary["eval"]) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    # both conventions, the paper's (-p) and the E2E challenge's (Perl), and which is which
+    for scores in (summary["eval"]["scores"], summary["eval"]["scores_perl"]):
+        assert set(scores) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert summary["eval"]["text"] == "paper"
     assert "BLEU" in result.stdout and (out / "eval" / "predictions.txt").is_file()
+    assert "measure_scores.py -p" in result.stdout and "Perl" in result.stdout
+
+
+def test_text_flag_trains_on_the_papers_text_or_the_csv_text():
+    paper, raw = (train.load_examples(train.parse_args(TINY + flags)[0], "train", Dist())
+                  for flags in ([], ["--text", "raw-csv"]))
+    mr, ref = load_split("train", "demo")[0]
+    assert paper[0] == encode_example(mr, ref, "paper") and raw[0] == encode_example(mr, ref, "raw-csv")
+    assert paper[0] != raw[0] and len(paper) == len(raw)
 
 
 def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
