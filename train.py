@@ -22,7 +22,8 @@ attention (and torch.compile with --compile).
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
 RNG states, data position), log.jsonl (every logged step), loss.png (with matplotlib),
-summary.json, and eval/ (generated text and scores).
+summary.json, eval/ (generated text and scores), and .lock (while a run holds the folder, a
+second run on it is refused).
 """
 from __future__ import annotations
 

@@ -166,7 +166,7 @@ def check_decoding_fits(args: argparse.Namespace, config: GPTConfig, device: tor
         mrs = [mr for mr, _ in group_references(load_split(args.eval_split, args.data_dir, download=False))]
     except (OSError, E2EFormatError) as err:
         raise ConfigError(str(err)) from None
-    longest_prompt = max(len(encode_prompt(mr)) for mr in mrs[:args.eval_limit or None])
+    longest_prompt = max(len(encode_prompt(mr, args.text)) for mr in mrs[:args.eval_limit or None])
     if args.max_new_tokens + longest_prompt > config.block_size:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} plus the longest {args.eval_split} prompt "
                           f"({longest_prompt} tokens) exceeds the model's {config.block_size} positions; use at "
