@@ -162,7 +162,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
     p.add_argument("--model", help="base model: gpt2, gpt2-medium, ..., demo, or a checkpoint path "
                                    "(default: the base named in the adapter file)")
-    p.add_argument("--split", default="test", choices=["test", "dev"], help="E2E split to decode (default: %(default)s)")
+    p.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="E2E split to decode (default: %(default)s)")
     p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
                                       "else data/e2e, downloaded if missing)")
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
