@@ -268,7 +268,8 @@ def _run_prompts(model: GPT, prompts: list[list[int]], max_new_tokens: int) -> t
     """Feed the left-padded prompts once: (B, vocab) next-token logits and a cache holding them."""
     weight = model.wte.weight
     idx, mask = _pad_left(prompts, weight.device)  # (B, T) each
-    cache = KVCache(model.config, len(prompts), idx.size(1) + max_new_tokens, weight.device, weight.dtype)
+    cache = KVCache(model.config, len(prompts), idx.size(1) + max_new_tokens, weight.device,
+                    model.compute_dtype())
     last_column = torch.zeros_like(mask)
     last_column[:, -1] = True  # with left padding every prompt ends there; skip the LM head elsewhere
     logits = model(idx, attention_mask=mask, cache=cache, logits_mask=last_column)

@@ -32,6 +32,7 @@ import torch
 
 from lora_min import decode
 from lora_min.data import decode_completion, encode_prompt, group_references, load_split
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
 from lora_min.model import GPT, GPT2_SIZES, GPTConfig
 
@@ -180,11 +181,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
     g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS")
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")
     if args.no_repeat_ngram_size < 0:
         p.error(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+    try:
+        args.device = pick_device(args.device)
+        args.precision = pick_precision(args.precision, args.device)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -194,13 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = model_from_adapter(args.adapter, base=args.model)
+    model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
+    if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
+        model.cast_frozen_base(HALF_DTYPES[args.precision])
     out = args.out or args.adapter.parent / "eval"
-    scores = evaluate_split(
-        model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
-        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        batch_size=args.batch_size, limit=args.limit, greedy=args.greedy)
+    with autocast(args.precision, args.device):  # as train.py evaluates
+        scores = evaluate_split(
+            model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy)
     print(format_scores(scores))
     print("(paper: GPT-2 M with LoRA, Hu et al., 2021, Table 3; BLEU, METEOR, ROUGE-L x100)")
     note = paper_size_note(model.config, args.model or read_adapter_metadata(args.adapter)["base_model"])

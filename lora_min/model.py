@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +393,36 @@ class GPT(nn.Module):
                 weight.copy_((weight.float() - update.delta_weight()).to(weight.dtype))
                 update.merged = False
 
+    # --- mixed precision ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def cast_frozen_base(self, dtype: torch.dtype) -> None:
+        """Keep every frozen nn.Linear (weight and bias) in `dtype`: bf16 or fp16 for training or
+        decoding under autocast of that dtype. The matmuls see the very same numbers as before.
+
+        Why: autocast runs these matmuls in `dtype` anyway, but it caches its casts only for
+        weights that require grad, so it re-casts each frozen float32 weight at every forward
+        (gpt2-medium: ~2 GB of memory traffic per step) and keeps the copies for backward
+        (24 MiB per layer). Cast once here instead. What trains stays float32, as does its
+        optimizer state: LoRA's A and B, or with full fine-tuning every weight (nothing is frozen,
+        so this does nothing). LayerNorms and the position embedding stay float32, and with them
+        the residual stream; the token embedding is the LM head's weight (tied), so it is looked
+        up in `dtype` too. Merging sums in float32 and rounds once (merge_lora).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype attention computes keys and values in: autocast's when it is on (for our
+        device), else the weights'. A KVCache holds them in it: a float32 cache under bf16
+        autocast would take twice the memory and be re-cast whole at every decoding step."""
+        device_type = self.wte.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.wte.weight.dtype
+
     # --- loading the official checkpoints ------------------------------------------------
 
     @classmethod
@@ -462,19 +493,28 @@ def config_for_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> GPTConf
     """The configuration from a config.json beside the weights, else from the tensor shapes."""
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if config_file.is_file():
-        hf = json.loads(config_file.read_text())
         try:
+            hf = json.loads(config_file.read_text())
             return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                              vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
         except KeyError as err:
             raise KeyError(f"{config_file}: missing key {err} of a GPT-2 config") from None
+        except (ValueError, TypeError) as err:  # not JSON (or not an object), or a bad value
+            raise ValueError(f"{config_file}: not a valid GPT-2 config: {err}") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     for key in ("wte.weight", "wpe.weight"):
         if key not in state:
             raise KeyError(f"{path}: no {key!r}; is this a GPT-2 checkpoint?")
     vocab_size, n_embd = state["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
-    # Every official size uses 64-dimensional heads.
+    # The shapes do not tell the number of heads; every official size uses 64-dimensional heads.
+    how = f"put the model's config.json (with n_head) beside it, at {config_file}"
+    if n_embd % 64:
+        raise ValueError(f"{path}: no config.json, and n_embd={n_embd} is not a multiple of the usual "
+                         f"head size 64, so the number of heads is unknown; {how}")
+    if n_embd not in {size["n_embd"] for size in GPT2_SIZES.values()}:
+        warnings.warn(f"{path}: no config.json; assuming 64-dimensional heads, so n_head = {n_embd // 64} "
+                      f"for n_embd={n_embd}. If that is wrong, {how}", stacklevel=3)
     return GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
                      vocab_size=vocab_size, block_size=state["wpe.weight"].shape[0])
 

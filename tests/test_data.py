@@ -213,6 +213,7 @@ def write(tmp_path: Path, content: str | bytes, name: str = "bad.csv") -> Path:
     ('mr,ref\n"name[A]","two\nlines"\n"name[B]",Fine.\n"name[C]"\n', 5, "2 columns"),  # quoted newline
     ('mr,ref\n"name[A]",Fine.\n"name[B]","never closed\n', 3, "unexpected end of data"),
     ("", 1, "empty file"),
+    ("mr,ref\n", 2, "no rows after the header"),  # training would run 0 steps, scoring divide by 0
 ])
 def test_bad_csv_names_file_and_line(tmp_path, content, line, why):
     path = write(tmp_path, content)

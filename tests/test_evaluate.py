@@ -133,3 +133,58 @@ def test_help_shows_the_defaults(capsys):
     for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
                     "(default: 8)", "(default: eval/ beside the adapter"):
         assert default in shown
+
+
+def tiny_adapter(tmp_path):
+    """An adapter file with a non-zero update on a tiny random base saved beside it."""
+    torch.manual_seed(0)
+    export_merged(GPT(TINY), tmp_path / "base")
+    model = GPT.from_pretrained(tmp_path / "base", lora=LoRAConfig(r=2, alpha=4))
+    with torch.no_grad():
+        for _, _, update in model.lora_updates():
+            update.B.normal_()
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
+    return tmp_path / "adapter.safetensors", model
+
+
+def test_command_line_decodes_on_the_gpu_under_autocast_when_there_is_one(tmp_path, monkeypatch):
+    import lora_min.evaluate
+
+    adapter, _ = tiny_adapter(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU with bfloat16 tensor cores
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    moved_to, autocasts, seen = [], [], {}
+    monkeypatch.setattr(GPT, "to", lambda self, device: moved_to.append(device) or self)  # no real GPU here
+
+    class RecordedAutocast:
+        def __init__(self, device_type, dtype):
+            self.args = (device_type, dtype)
+
+        def __enter__(self):
+            autocasts.append(self.args)
+
+        def __exit__(self, *exc_info):
+            autocasts.pop()
+
+    def recorded_evaluate_split(model, *args, **kwargs):
+        seen.update(autocast=list(autocasts), weight_dtype=model.h[0].attn.c_attn.weight.dtype)
+        return e2e_scores(["a text"], [["a text"]])
+
+    monkeypatch.setattr(torch, "autocast", RecordedAutocast)
+    monkeypatch.setattr(lora_min.evaluate, "evaluate_split", recorded_evaluate_split)
+    assert main(["--adapter", str(adapter), "--data-dir", "demo", "--limit", "1"]) == 0
+    assert moved_to == [torch.device("cuda:0")]
+    assert seen == {"autocast": [("cuda", torch.bfloat16)], "weight_dtype": torch.bfloat16}
+
+
+def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
+    adapter, model = tiny_adapter(tmp_path)
+    argv = ["--adapter", str(adapter), "--data-dir", "demo", "--limit", "2", "--beam", "2", "--max-new-tokens", "4",
+            "--device", "cpu", "--precision", "bf16", "--out", str(tmp_path / "eval")]
+    assert main(argv) == 0
+    model.merge_lora()
+    model.cast_frozen_base(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = decode_mrs(model.eval(), [mr for mr, _ in demo_groups(2)], beam_size=2, max_new_tokens=4,
+                              progress=None)
+    assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected

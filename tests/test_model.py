@@ -258,3 +258,88 @@ def test_official_sizes_by_name():
     with pytest.raises(ValueError, match="unknown GPT-2 size"):
         GPTConfig.from_name("gpt3")
     assert LoRAConfig().scale == 8.0  # 32 / 4
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def casts_of_parameters(model: GPT, run) -> set[str]:
+    """Names of the model's parameters that aten._to_copy (a dtype cast) reads while run() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    cast: set[str] = set()
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket == torch.ops.aten._to_copy and id(args[0]) in names:
+                cast.add(names[id(args[0])])
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        run()
+    return cast
+
+
+def bf16_train_step(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and LoRA gradients of one bf16-autocast forward and backward."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+    logits.float().logsumexp(-1).mean().backward()
+    return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_base_in_bf16_trains_exactly_like_autocast_without_casting_it():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=23, block_size=16)
+    lora = LoRAConfig(r=2, dropout=0.0, targets=("q", "v", "o"))
+    _, fp32 = base_and_lora(config, lora)
+    randomize_lora(fp32, 0)
+    with torch.no_grad():  # the token embedding is looked up in bf16 afterwards: make it bf16-exact
+        fp32.wte.weight.copy_(fp32.wte.weight.to(torch.bfloat16))
+    bf16 = GPT(config, lora).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.cast_frozen_base(torch.bfloat16)
+    idx = random_tokens(config, 0, 2, 16)
+
+    assert {p.dtype for n, p in bf16.named_parameters() if ".c_" in n or n == "wte.weight"} == {torch.bfloat16}
+    assert {p.dtype for n, p in bf16.named_parameters() if p.requires_grad or "ln_" in n or n == "wpe.weight"} == {
+        torch.float32}
+    assert bf16.lm_head.weight is bf16.wte.weight  # still tied
+    # Autocast re-casts every frozen fp32 weight at every forward, and none of the bf16 ones.
+    frozen_cast = casts_of_parameters(fp32, lambda: bf16_train_step(fp32, idx))
+    assert {n for n, p in fp32.named_parameters() if not p.requires_grad and ".c_" in n} <= frozen_cast
+    assert all(".lora." in n for n in casts_of_parameters(bf16, lambda: bf16_train_step(bf16, idx)))
+    # ... and the numbers are the same: same logits, same LoRA gradients (float32).
+    logits, grads = bf16_train_step(fp32, idx)
+    logits_bf16, grads_bf16 = bf16_train_step(bf16, idx)
+    assert torch.equal(logits_bf16, logits)
+    assert grads_bf16.keys() == grads.keys() and all(torch.equal(grads_bf16[n], grads[n]) for n in grads)
+    assert {g.dtype for g in grads_bf16.values()} == {torch.float32}
+
+
+def test_full_fine_tuning_keeps_every_weight_float32():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=11, block_size=8))  # no LoRA: all train
+    model.cast_frozen_base(torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_kv_cache_is_allocated_in_the_autocast_dtype(monkeypatch):
+    import lora_min.decode
+
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=11, block_size=16)
+    model = GPT(config, LoRAConfig(r=2)).eval()
+    caches = []
+
+    class RecordedKVCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(lora_min.decode, "KVCache", RecordedKVCache)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lora_min.decode.greedy(model, [[1, 2, 3]], max_new_tokens=3, eos_ids=())
+        lora_min.decode.beam_search(model, [[1, 2, 3]], beam_size=2, max_new_tokens=3, eos_ids=())
+    lora_min.decode.greedy(model, [[1, 2, 3]], max_new_tokens=3, eos_ids=())
+    assert [c.k.dtype for c in caches] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [c.v.dtype for c in caches] == [torch.bfloat16, torch.bfloat16, torch.float32]
