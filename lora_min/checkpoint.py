@@ -31,6 +31,7 @@ RUN_FILES = ("run.json", "resume.pt", "adapter.safetensors", "model.safetensors"
 def start_fresh(args: argparse.Namespace) -> None:
     """A new run in --out: nothing of an earlier one may be mistaken for ours; run.json keeps the flags."""
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "run.json", json.dumps(vars(args), indent=2) + "\n")
@@ -46,9 +47,9 @@ def save_weights(model: GPT, args: argparse.Namespace, step: int) -> Path:
     if args.full:
         export_merged(model, args.out, metadata={"step": str(step)})
     else:
-        base = "random demo model (train.py --demo)" if args.demo else args.model
-        save_adapter(model, weights_path(args), base_model=base,
-                     extra_metadata={"step": str(step), "seed": str(args.seed)})
+        trained_on = {} if args.data_dir is None else {"data_dir": str(args.data_dir)}  # evaluate's default
+        save_adapter(model, weights_path(args), base_model=args.model,
+                     extra_metadata={"step": str(step), "seed": str(args.seed), **trained_on})
     return weights_path(args)
 
 

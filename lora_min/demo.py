@@ -17,7 +17,7 @@ from lora_min.model import GPT, GPTConfig, LoRAConfig, is_lora_param
 
 DEMO = "demo"
 DEMO_CONFIG = GPTConfig(n_layer=4, n_head=4, n_embd=128)
-DEMO_SEED = 2021
+DEMO_SEED = 3  # any seed makes a valid demo; with this one its adapter decodes to words, not empty lines
 
 
 def demo_model(lora: LoRAConfig | None = None) -> GPT:
