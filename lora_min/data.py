@@ -44,7 +44,8 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from lora_min.download import DownloadError, download_file, folder_for
+from lora_min.download import DownloadError, download_file
+from lora_min.fileio import folder_for
 from lora_min.tokenizer import EOT, PAD_ID, get_tokenizer
 
 # --------------------------------------------------------------------------- where

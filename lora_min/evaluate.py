@@ -159,9 +159,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
     p.add_argument("--model", help="base model: gpt2, gpt2-medium, ..., demo, or a checkpoint path "
                                    "(default: the base named in the adapter file)")
-    p.add_argument("--split", default="test", choices=["test", "dev"], help="E2E split to decode (default: %(default)s)")
-    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
-                                      "else data/e2e, downloaded if missing)")
+    p.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="E2E split to decode (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: the one the adapter was "
+                                      "trained on if train.py was given one, else $LORA_MIN_E2E_DIR, else "
+                                      "data/e2e, downloaded if missing)")
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
                                             "writes its evaluation; replaced if it exists)")
@@ -201,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    metadata = read_adapter_metadata(args.adapter)
+    data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
     model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
@@ -208,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.adapter.parent / "eval"
     with autocast(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
-            model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+            model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
             batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=args.text)
     print(format_scores(scores["scores"], official=scores["scores_perl"]))
     print("(BLEU, METEOR, ROUGE-L x100)")
-    note = paper_size_note(model.config, args.model or read_adapter_metadata(args.adapter)["base_model"])
+    note = paper_size_note(model.config, args.model or metadata["base_model"])
     if note:
         print(note)
     print(f"{args.split} split: predictions, references and scores.json in {out}")

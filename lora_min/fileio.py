@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], None], suffix: str = ".tmp") -> Path:
@@ -44,3 +45,20 @@ def new_file_mode() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@contextmanager
+def folder_for(folder: Path) -> Iterator[Path]:
+    """Create `folder` (and missing parents) for what the block writes there; if the block fails,
+    remove the folders it created again (those still empty), so a failed step leaves none behind."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (something else wrote there meanwhile): keep it
+                break
+        raise

@@ -145,9 +145,11 @@ def validate_args(args: argparse.Namespace, explicit: set[str], world_size: int 
 def check_out_dir(args: argparse.Namespace) -> None:
     """--out must be a writable folder; it may hold a run only with --resume or --overwrite."""
     out = Path(args.out)
+    # Create nothing yet (a run that fails before training must leave no empty folder): try
+    # writing in the deepest folder of --out that exists.
+    existing = next(p for p in (out, *out.parents) if p.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as err:
         raise ConfigError(f"--out {out} is not a writable folder ({err.strerror}); choose another --out") from None

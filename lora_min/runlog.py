@@ -116,6 +116,7 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
         ax.plot(*zip(*dev), "o-", label="dev loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per token")
+    ax.set_ylim(bottom=0)  # from zero, so the size of a drop is seen as it is (a 2% drop looks like 2%)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
