@@ -32,7 +32,6 @@ Where we differ from microsoft/LoRA:
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -45,11 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
-from lora_min.download import DownloadError, download_file
+from lora_min.download import DownloadError, download_file, folder_for
+from lora_min.tokenizer import EOT, get_tokenizer
 
 # --------------------------------------------------------------------------- where
 
@@ -100,12 +99,11 @@ def download_e2e(dest_dir: str | Path | None = None, url: str = E2E_URL, timeout
     The zip goes to a temporary folder inside `dest_dir` (so the final os.replace
     is a same-filesystem, atomic rename). Every CSV is checked against its pinned
     sha256 before any of them is moved into place; on any failure the temporary
-    folder is removed and `dest_dir` holds nothing new. Raises DownloadError.
+    folder is removed and `dest_dir` holds nothing new (nor exists, if this made it). Raises DownloadError.
     """
     dest = resolve_e2e_dir(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
     hint = _by_hand_hint(dest)
-    with tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
+    with folder_for(dest), tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
         zip_path = download_file(url, Path(tmp) / "e2e-dataset.zip", timeout=timeout,
                                  desc="E2E dataset", hint=hint)
         verified = []
@@ -233,6 +231,8 @@ def read_e2e_csv(path: str | Path) -> list[E2EPair]:
         raise E2EFormatError(f"{path}, line {start}: {err}") from None
     if not header_seen:
         raise E2EFormatError(f"{path}, line 1: empty file, expected the header 'mr,ref'")
+    if not pairs:  # training on it would run 0 steps; scoring it would divide by zero
+        raise E2EFormatError(f"{path}, line {start}: no rows after the header 'mr,ref' (an empty split)")
     return pairs
 
 
@@ -257,18 +257,13 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 
 # --------------------------------------------------------------------------- tokens
 
-EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR, end of the reference, and padding
+# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR, end of the reference,
+# and padding.
 PAD_ID = EOT
 
 # microsoft/LoRA trains on the Prefix-Tuning (Li & Liang, 2021) rendering of each MR,
 # `name : The Vaults | Type : pub | price : more than £ 30`, which renames three slots.
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's byte-level BPE (50257 tokens). Offline: set TIKTOKEN_CACHE_DIR (data/README.md)."""
-    return tiktoken.get_encoding("gpt2")
 
 
 def format_mr(mr: str) -> str:
@@ -455,3 +450,38 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch
         raise ValueError(f"logits must be (B, T, V) or (N, V) with N = loss_mask.sum() = "
                          f"{masked_targets.shape[0]}; got {tuple(logits.shape)}")
     return F.cross_entropy(logits.float(), masked_targets, label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------- the training stream
+
+@dataclass
+class Position:
+    """Where the data stream stands: the next global batch is batch `batch` of epoch `epoch`."""
+    epoch: int = 0
+    batch: int = 0
+
+
+def global_batches(examples: Sequence[Example], batch_size: int, epochs: int, *, seed: int, start: Position,
+                   world_size: int = 1) -> Iterator[tuple[Position, list[int]]]:
+    """(position, example indices) of every global batch from `start` to the end of the last epoch.
+    The order depends only on (seed, epoch) (see batch_plan), so a resumed run, or a run with
+    another number of processes, sees the very same batches."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    for epoch in range(start.epoch, epochs):
+        plan = batch_plan(lengths, batch_size, seed=seed, epoch=epoch, world_size=world_size)
+        for index in range(start.batch if epoch == start.epoch else 0, len(plan)):
+            yield Position(epoch, index), plan[index]
+
+
+def micro_batches(examples: Sequence[Example], batch: Sequence[int], rank: int, world_size: int,
+                  grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Rank `rank`'s part of a global batch, cut into `grad_accum` micro-batches:
+    (input_ids, targets, loss_mask, number of loss tokens) each."""
+    mine = shard(batch, rank, world_size)
+    pieces = [shard(mine, i, grad_accum) for i in range(grad_accum)]
+    return [(*tensors, int(tensors[2].sum())) for tensors in (collate([examples[i] for i in p]) for p in pieces if p)]
+
+
+def loss_tokens(examples: Sequence[Example], batch: Sequence[int]) -> int:
+    """Target tokens that carry loss in a batch: each example's reference and final <|endoftext|>."""
+    return sum(len(examples[i].input_ids) - examples[i].n_prompt for i in batch)

@@ -3,7 +3,9 @@
     python -m lora_min.evaluate --adapter runs/e2e/adapter.safetensors [--split test] [--limit 50]
 
 One hypothesis per unique MR (the E2E scorer compares it with all of that MR's references), in
-the order MRs first appear in the CSV. Written to --out, each file atomically:
+the order MRs first appear in the CSV. Written to --out (default: eval/ beside the adapter, the
+folder train.py's own evaluation at the end of a run writes, so it always holds the latest
+evaluation of that adapter; scores.json says which split and decoding settings), each file atomically:
 
     predictions.txt   one hypothesis per line, one line per MR
     references.txt    each MR's references, one per line, a blank line between MRs
@@ -32,7 +34,7 @@ from lora_min import decode
 from lora_min.data import decode_completion, encode_prompt, group_references, load_split
 from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
-from lora_min.model import GPT
+from lora_min.model import GPT, GPT2_SIZES, GPTConfig
 
 
 def evaluate_split(
@@ -120,6 +122,17 @@ def show_progress(stream: TextIO, done: int, total: int, seconds: float, previou
         print(line, file=stream, flush=True)
 
 
+def paper_size_note(config: GPTConfig, base: str) -> str | None:
+    """A warning when the model is not the size of the paper's row (GPT-2 M), else None."""
+    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    if shape == GPT2_SIZES["gpt2-medium"]:
+        return None
+    size = next((name for name, dims in GPT2_SIZES.items() if dims == shape), None)
+    ours = f"{size}, {config.n_layer} layers" if size else f"{config.n_layer} layers, {config.n_embd} wide"
+    return (f"note: the model ({base}: {ours}) is not the paper's GPT-2 M (gpt2-medium, 24 layers), "
+            "so its scores are not comparable with the paper row")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -148,20 +161,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m lora_min.evaluate",
         description="Load a base GPT-2 and a LoRA adapter, decode an E2E split, print the five metrics.")
     p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
-    p.add_argument("--model", help="base model: gpt2, gpt2-medium, ... or a checkpoint path "
+    p.add_argument("--model", help="base model: gpt2, gpt2-medium, ..., demo, or a checkpoint path "
                                    "(default: the base named in the adapter file)")
-    p.add_argument("--split", default="test", choices=["test", "dev"])
+    p.add_argument("--split", default="test", choices=["test", "dev"], help="E2E split to decode (default: %(default)s)")
     p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
                                       "else data/e2e, downloaded if missing)")
-    p.add_argument("--limit", type=positive_int, help="decode only the first N MRs")
-    p.add_argument("--out", type=Path, help="output folder (default: eval-<split> beside the adapter)")
+    p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
+    p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
+                                            "writes its evaluation; replaced if it exists)")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
-    g.add_argument("--beam-size", type=positive_int, default=10)
-    g.add_argument("--length-penalty", type=float, default=0.9, help="scores are divided by length ** this")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=4, help="0 allows repeated n-grams")
-    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--beam-size", type=positive_int, default=10, help="beams per MR (default: %(default)s)")
+    g.add_argument("--length-penalty", type=float, default=0.9,
+                   help="scores are divided by length ** this (default: %(default)s)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=4,
+                   help="never repeat an n-gram of this size; 0 allows repeats (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="longest text generated per MR (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -180,7 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lora_min.adapters import model_from_adapter
+    from lora_min.adapters import model_from_adapter, read_adapter_metadata
 
     args = parse_args(argv)
     if args.threads:
@@ -189,15 +206,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])
-    out = args.out or args.adapter.parent / f"eval-{args.split}"
+    out = args.out or args.adapter.parent / "eval"
     with autocast(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
             model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
             batch_size=args.batch_size, limit=args.limit, greedy=args.greedy)
     print(format_scores(scores))
-    print(f"(paper: GPT-2 M with LoRA, Hu et al., 2021, Table 3; BLEU, METEOR, ROUGE-L x100)\n"
-          f"predictions, references and scores.json: {out}")
+    print("(paper: GPT-2 M with LoRA, Hu et al., 2021, Table 3; BLEU, METEOR, ROUGE-L x100)")
+    note = paper_size_note(model.config, args.model or read_adapter_metadata(args.adapter)["base_model"])
+    if note:
+        print(note)
+    print(f"{args.split} split: predictions, references and scores.json in {out}")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -492,19 +493,28 @@ def config_for_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> GPTConf
     """The configuration from a config.json beside the weights, else from the tensor shapes."""
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if config_file.is_file():
-        hf = json.loads(config_file.read_text())
         try:
+            hf = json.loads(config_file.read_text())
             return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                              vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
         except KeyError as err:
             raise KeyError(f"{config_file}: missing key {err} of a GPT-2 config") from None
+        except (ValueError, TypeError) as err:  # not JSON (or not an object), or a bad value
+            raise ValueError(f"{config_file}: not a valid GPT-2 config: {err}") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     for key in ("wte.weight", "wpe.weight"):
         if key not in state:
             raise KeyError(f"{path}: no {key!r}; is this a GPT-2 checkpoint?")
     vocab_size, n_embd = state["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
-    # Every official size uses 64-dimensional heads.
+    # The shapes do not tell the number of heads; every official size uses 64-dimensional heads.
+    how = f"put the model's config.json (with n_head) beside it, at {config_file}"
+    if n_embd % 64:
+        raise ValueError(f"{path}: no config.json, and n_embd={n_embd} is not a multiple of the usual "
+                         f"head size 64, so the number of heads is unknown; {how}")
+    if n_embd not in {size["n_embd"] for size in GPT2_SIZES.values()}:
+        warnings.warn(f"{path}: no config.json; assuming 64-dimensional heads, so n_head = {n_embd // 64} "
+                      f"for n_embd={n_embd}. If that is wrong, {how}", stacklevel=3)
     return GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
                      vocab_size=vocab_size, block_size=state["wpe.weight"].shape[0])
 

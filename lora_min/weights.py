@@ -7,18 +7,21 @@ The safetensors layout (https://github.com/huggingface/safetensors, "Format"):
              "__metadata__": {"key": "value"}}  (metadata optional, strings only)
     rest     the byte buffer: each tensor's little-endian, C-order bytes at its offsets
              (counted from the buffer's start); the tensors tile it exactly, without holes.
-The reader memory-maps the file, so even gpt2-xl (6 GB) opens at once and pages are read
-only when used, never copied twice. Like the official library it assumes a little-endian host.
+The reader reads each tensor straight from the file into its own memory (one copy, no
+memory map: a map would crash the process with SIGBUS if the file were rewritten while in use).
+Like the official library it assumes a little-endian host.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lora_min.download import download_file
@@ -62,7 +65,7 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         raise ValueError(f"{path}: header is not a JSON object (it must start with '{{')")
     try:  # valid JSON that starts with "{" is an object, so `header` is a dict
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON, a 10,000-digit integer
         raise ValueError(f"{path}: header is not valid UTF-8 JSON: {err}") from None
     return header, 8 + header_len, file_size - 8 - header_len
 
@@ -93,8 +96,7 @@ def _check_entry(path: Path, name: str, entry: object, buffer_len: int) -> tuple
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a .safetensors file into (tensors, metadata); ValueError names any malformation.
 
-    The tensors are copy-on-write views of a memory map: writing to them never touches
-    the file. (Our writer replaces files atomically, so maps of the old file stay valid.)
+    The tensors are in memory, independent of the file: it may change or vanish afterwards.
     """
     path = Path(path)
     header, buffer_start, buffer_len = _read_header(path)
@@ -114,20 +116,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if position != buffer_len:
         raise ValueError(f"{path}: {buffer_len - position} unused bytes after the last tensor")
 
-    # mode="c": copy-on-write pages, so the tensors are writable without touching the file.
-    buffer = np.memmap(path, np.uint8, "c", buffer_start, (buffer_len,)) if buffer_len else b""
     tensors = {}
-    for name, (begin, end) in spans.items():
-        dtype, shape = DTYPES[header[name]["dtype"]], header[name]["shape"]
-        if begin == end:  # torch.frombuffer refuses empty buffers
+    with open(path, "rb") as f:
+        for name, (begin, end) in spans.items():
+            dtype, shape = DTYPES[header[name]["dtype"]], header[name]["shape"]
             try:
-                tensors[name] = torch.empty(shape, dtype=dtype)
+                tensor = torch.empty(shape, dtype=dtype)
             except (RuntimeError, TypeError):  # e.g. shape [0, 2**70]
                 raise ValueError(f"{path}: tensor {name!r}: shape {shape} is too large") from None
-        else:
-            tensor = torch.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
-            # Other writers may leave a tensor unaligned; copy it so every kernel can use it.
-            tensors[name] = tensor.clone() if tensor.data_ptr() % dtype.itemsize else tensor
+            f.seek(buffer_start + begin)
+            if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{path}: the file shrank while tensor {name!r} was being read")
+            tensors[name] = tensor
     return tensors, metadata
 
 
@@ -172,7 +172,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a .safetensors or .bin/.pt file, or from a folder holding
-    model.safetensors (preferred) or pytorch_model.bin."""
+    model.safetensors (preferred) or pytorch_model.bin. Warns if a tensor holds NaN or inf."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
@@ -183,13 +183,51 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        return read_safetensors(path)[0]
-    if path.suffix in (".bin", ".pt", ".pth"):
+        state = read_safetensors(path)[0]
+    elif path.suffix in (".bin", ".pt", ".pth"):
+        state = _torch_load_state_dict(path)
+    else:
+        raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r} (use .safetensors, .bin or .pt)")
+    warn_if_not_finite(state, str(path))
+    return state
+
+
+def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load a file of tensors only, refusing what could run code or inflate without bound."""
+    # torch.save stores zip entries uncompressed; torch.load would inflate a compressed one
+    # (a zip bomb: 2 MB on disk, gigabytes in memory) before any other check could run.
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+                    raise ValueError(f"{path}: zip entry {entry.filename!r} is compressed, which torch.save never "
+                                     "does; refused (it could inflate to any size)")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
-        return state
-    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r} (use .safetensors, .bin or .pt)")
+    except pickle.UnpicklingError as err:  # torch's message is a page; keep the line that says why
+        why = next((line for line in str(err).splitlines() if "unsupported" in line.lower()), "not a pickle torch reads")
+        raise ValueError(f"{path}: holds something other than tensors, refused by torch.load("
+                         f"weights_only=True): {why.strip()}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; "
+                             "expected a state dict of tensors (name -> tensor)")
+    return state
+
+
+def warn_if_not_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Warn, naming the first such tensor, if any tensor holds NaN or inf: every output would too."""
+    # A sum is NaN or inf when any element is (one fast pass); only then look element by element,
+    # as a float32 sum of finite values can overflow too.
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()
+           and not torch.isfinite(t.sum(dtype=torch.float32)) and not torch.isfinite(t).all()]
+    if bad:
+        warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, first {bad[0]!r}; "
+                      "a model using them computes NaN", stacklevel=3)
 
 
 def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -> Path:
@@ -207,12 +245,11 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -
                          f"names {', '.join(HUB_NAMES)}")
     cache = Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser()
     folder = cache / name_or_path
+    hub_folder = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main"
+    hint = (f"Offline? Download {hub_folder}/config.json and {hub_folder}/model.safetensors by hand (browser, "
+            f"curl) into {folder}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min), or into any "
+            "folder and give that folder instead of the name (train.py --model PATH, GPT.from_pretrained(PATH)).")
     for filename in ("config.json", "model.safetensors"):
-        if (folder / filename).is_file():
-            continue
-        url = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main/{filename}"
-        hint = (f"Offline? Download {url} by hand (browser, curl) and put it at {folder / filename}, "
-                "or pass the path of a downloaded model.safetensors instead of the name, "
-                "e.g. GPT.from_pretrained('/path/to/model.safetensors').")
-        download_file(url, folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
+        if not (folder / filename).is_file():
+            download_file(f"{hub_folder}/{filename}", folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
     return folder / "model.safetensors"

@@ -99,7 +99,8 @@ def serve(directory: Path):
 
 
 def assert_left_nothing(dest: Path) -> None:
-    assert list(dest.iterdir()) == [], f"left behind: {list(dest.iterdir())}"
+    """A failed download into a new folder leaves not even the folder; into an existing one, nothing new."""
+    assert not dest.exists() or list(dest.iterdir()) == [], f"left behind: {list(dest.iterdir())}"
 
 
 def test_download_and_extract_real_zip(shared_dir, tmp_path):
@@ -170,7 +171,7 @@ def test_download_offline_fails_fast_and_says_what_to_do(tmp_path):
     message = str(err.value)
     assert str(dest) in message and "by hand" in message and "LORA_MIN_E2E_DIR" in message
     assert all(name in message for name in E2E_SHA256)
-    assert_left_nothing(dest)
+    assert not dest.exists()  # not even an empty data folder
 
 
 def test_resolve_e2e_dir_precedence(monkeypatch, tmp_path):
@@ -212,6 +213,7 @@ def write(tmp_path: Path, content: str | bytes, name: str = "bad.csv") -> Path:
     ('mr,ref\n"name[A]","two\nlines"\n"name[B]",Fine.\n"name[C]"\n', 5, "2 columns"),  # quoted newline
     ('mr,ref\n"name[A]",Fine.\n"name[B]","never closed\n', 3, "unexpected end of data"),
     ("", 1, "empty file"),
+    ("mr,ref\n", 2, "no rows after the header"),  # training would run 0 steps, scoring divide by 0
 ])
 def test_bad_csv_names_file_and_line(tmp_path, content, line, why):
     path = write(tmp_path, content)

@@ -81,7 +81,7 @@ def test_sha_mismatch_leaves_nothing(server, tmp_path):
     message = str(info.value)
     assert "sha256 mismatch" in message and str(out / "payload.bin") in message
     assert wrong in message and hashlib.sha256(PAYLOAD).hexdigest() in message
-    assert leftovers(out) == []
+    assert not out.exists()  # not even the folder made for it
 
 
 def test_sha_mismatch_keeps_previous_file(server, tmp_path):
@@ -117,6 +117,15 @@ def test_connection_refused_fails_fast_with_hint(tmp_path):
     message = str(info.value)
     assert url in message and message.endswith("Download it by hand.")
     assert leftovers(tmp_path) == []
+
+
+def test_failed_download_leaves_no_new_folders(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kept.txt").write_text("was here before")
+    url = f"http://127.0.0.1:{closed_port()}/model.safetensors"
+    with pytest.raises(DownloadError):
+        download_file(url, tmp_path / "cache" / "gpt2" / "sub" / "model.safetensors")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["cache", "cache/kept.txt"]
 
 
 def test_silent_server_times_out(tmp_path):

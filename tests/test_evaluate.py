@@ -8,7 +8,7 @@ import torch
 import lora_min.metrics
 from lora_min.adapters import export_merged, save_adapter
 from lora_min.data import DEMO_DIR, group_references, read_e2e_csv
-from lora_min.evaluate import decode_mrs, evaluate_split, main, one_line, show_progress
+from lora_min.evaluate import decode_mrs, evaluate_split, main, one_line, paper_size_note, show_progress
 from lora_min.metrics import e2e_scores
 from lora_min.model import GPT, GPTConfig, LoRAConfig
 
@@ -102,7 +102,9 @@ def test_command_line_loads_base_and_adapter_and_prints_the_paper_row(tmp_path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "paper" in printed and "70.4" in printed and "CIDEr" in printed
-    out = tmp_path / "run" / "eval-dev"  # the default: beside the adapter
+    assert f"note: the model ({tmp_path / 'base'}: 1 layers, 8 wide) is not the paper's GPT-2 M" in printed
+    out = tmp_path / "run" / "eval"  # the default: beside the adapter, where train.py writes its evaluation
+    assert f"dev split: predictions, references and scores.json in {out}" in printed
     assert len((out / "predictions.txt").read_text().splitlines()) == 3
 
     model.merge_lora()  # what the command decodes with
@@ -115,6 +117,22 @@ def test_command_line_names_a_missing_adapter(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--adapter", str(tmp_path / "nope.safetensors")])
     assert "nope.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_paper_size_note_only_for_other_sizes():
+    assert paper_size_note(GPTConfig.from_name("gpt2-medium"), "gpt2-medium") is None
+    assert paper_size_note(GPTConfig.from_name("gpt2"), "gpt2") == (
+        "note: the model (gpt2: gpt2, 12 layers) is not the paper's GPT-2 M (gpt2-medium, 24 layers), "
+        "so its scores are not comparable with the paper row")
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
+                    "(default: 8)", "(default: eval/ beside the adapter"):
+        assert default in shown
 
 
 def tiny_adapter(tmp_path):

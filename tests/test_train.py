@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py is a script at the top level, not part of the package
+import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
+from lora_min.adapters import load_adapter
+from lora_min.data import DEMO_DIR, Example, Position, global_batches
+from lora_min.model import GPT, lora_state_dict
+from lora_min.weights import read_safetensors
 
-import train  # noqa: E402
-from lora_min.adapters import load_adapter  # noqa: E402
-from lora_min.data import DEMO_DIR  # noqa: E402
-from lora_min.model import GPT, lora_state_dict  # noqa: E402
-from lora_min.weights import read_safetensors  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # A short, quick run: the demo model, batch 4, no decoding at the end.
 TINY = ["--demo", "--batch-size", "4", "--no-eval", "--dev-every", "0", "--dev-limit", "16", "--log-every", "1"]
@@ -51,6 +50,20 @@ def test_lr_warms_up_linearly_then_decays_linearly_to_zero():
     assert lrs[4:] == pytest.approx([1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     assert all(lr > 0 for lr in lrs)  # no step is wasted at lr 0
     assert train.lr_at(12, 1.0, 4, 12) == 0.0
+
+
+def test_given_flags_are_the_ones_on_the_command_line():
+    args, explicit = train.parse_args(["--demo", "--lr", "2e-4", "--no-eval"])
+    assert explicit == {"demo", "lr", "no_eval"}  # --lr counts although it is given at its default
+    assert args.lr == 2e-4 and args.max_steps == 60  # the demo's default for a flag not given
+
+
+def test_a_resumed_stream_continues_with_the_very_batches_an_uninterrupted_one_sees():
+    examples = [Example(tuple(range(1, 3 + i % 11)) + (50256,), 2) for i in range(37)]
+    whole = list(global_batches(examples, 4, 3, seed=5, start=Position()))
+    assert len(whole) == 3 * 10 and sorted(i for _, b in whole[:10] for i in b) == list(range(37))
+    resumed = list(global_batches(examples, 4, 3, seed=5, start=Position(1, 3)))
+    assert resumed == whole[13:]
 
 
 # --------------------------------------------------------------------------- learning
@@ -300,6 +313,16 @@ def test_a_malformed_data_file_is_named_before_training(tmp_path, capsys):
     assert train.main(["--demo", "--data-dir", str(data), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{data / 'trainset.csv'}, line 2" in err and "unbalanced brackets" in err
+
+
+def test_a_bug_is_not_reported_as_a_bad_flag(tmp_path, monkeypatch):
+    """Only the user's data, weights and flags become one-line errors; our own KeyError is a traceback."""
+    def broken_build_model(args):
+        raise KeyError("a bug in lora-min")
+
+    monkeypatch.setattr(train, "build_model", broken_build_model)
+    with pytest.raises(KeyError, match="a bug in lora-min"):
+        train.main(TINY + ["--max-steps", "1", "--out", str(tmp_path / "run")])
 
 
 def test_a_malformed_number_is_refused_by_argparse(capsys):

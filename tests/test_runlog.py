@@ -1,0 +1,29 @@
+"""The run log: human-readable sizes and durations, and log.jsonl cut back on resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_min.runlog import append_log, format_bytes, format_duration, truncate_log
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (9_300, "9.3 kB"),
+                                     (548_105_000, "548.1 MB"), (3.2e12, "3200.0 GB")])
+def test_format_bytes_uses_si_units(n, text):
+    assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.9, "0:00:59"), (61, "0:01:01"), (3 * 3600 + 62, "3:01:02")])
+def test_format_duration_is_hours_minutes_seconds(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_truncate_log_drops_the_records_after_the_checkpoint(tmp_path):
+    path = tmp_path / "log.jsonl"
+    for step in range(1, 7):
+        append_log(path, {"step": step, "loss": 1.0 / step})
+    append_log(path, {"step": 4, "dev_loss": 0.5})
+    truncate_log(path, 4)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == (
+        [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "dev_loss": 0.5}])
