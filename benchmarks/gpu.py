@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_min.data import masked_lm_loss  # noqa: E402
-from lora_min.device import HALF_DTYPES, autocast, pick_precision  # noqa: E402
+from lora_min.device import HALF_DTYPES, autocast_for, pick_precision  # noqa: E402
 from lora_min.model import GPT, GPTConfig, LoRAConfig  # noqa: E402
 
 # The recipe (train.py's defaults, the paper's Table 11).
@@ -69,6 +69,77 @@ def step_flops(config: GPTConfig, r: int, n_targets: int, batch: int, seq_len: i
     return positions * (forward + backward) + n_loss * 4 * C * V
 
 
+# E2E's training set as train.py runs it: 42,061 examples of 52.3 positions on average, 24.8 of them
+# with loss; the longest is 112 positions. The paper's 5 epochs at batch 8 are 26,290 steps.
+E2E_EXAMPLES, E2E_POSITIONS, E2E_LOSS_POSITIONS, E2E_LONGEST, EPOCHS = 42_061, 52.3, 24.8, 112, 5
+# Bytes autograd keeps for backward per layer and position, in units of n_embd, under bf16
+# autocast with the frozen base in bf16: measured with torch.autograd.graph.saved_tensors_hooks on
+# the CPU for all four sizes (40.4 n_embd each; CUDA's dropout masks are 1 byte, not 4, so a GPU
+# keeps a little less). Per position with loss: the float32 log-probabilities, 4 bytes x vocab.
+SAVED_BYTES_PER_LAYER_POSITION_PER_EMBD = 40.4
+
+
+def estimate_memory(config: GPTConfig, r: int, n_targets: int, batch: int, seq_len: int, n_loss: int) -> float:
+    """Bytes a bf16 training step needs at its peak (an estimate): the frozen weights in bf16, the
+    LoRA weights with their gradients and AdamW state in float32, what backward keeps, and the
+    gradient of the logits (float32 and bf16) at the positions with loss."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    matmul_weights = V * C + L * 12 * C * C  # bf16 (GPT.cast_frozen_base)
+    other_weights = config.block_size * C + L * 13 * C + 2 * C  # position embedding, LayerNorms, biases
+    lora = L * n_targets * 2 * r * C
+    return (2 * matmul_weights + 4 * other_weights + 16 * lora + saved_for_backward(config, batch, seq_len, n_loss)
+            + n_loss * 6 * V)
+
+
+def saved_for_backward(config: GPTConfig, batch: int, seq_len: int, n_loss: int) -> float:
+    """Bytes autograd keeps for backward in a bf16 step (see SAVED_BYTES_PER_LAYER_POSITION_PER_EMBD)."""
+    per_position = config.n_layer * SAVED_BYTES_PER_LAYER_POSITION_PER_EMBD * config.n_embd
+    return batch * seq_len * per_position + n_loss * 4 * config.vocab_size
+
+
+def estimate_table(peak_tflops: dict[str, float], mfu: float = 0.4) -> str:
+    """Per GPT-2 size: memory at batch 8 of E2E's longest examples, and the paper's 5 epochs at `mfu`."""
+    gpus = list(peak_tflops)
+    lines = [f"| model | memory, batch 8 x {E2E_LONGEST} positions | " +
+             " | ".join(f"5 epochs at {mfu:.0%} MFU on {gpu}" for gpu in gpus) + " |",
+             "|---" * (2 + len(gpus)) + "|"]
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        config = GPTConfig.from_name(name)
+        memory = estimate_memory(config, LORA.r, len(LORA.targets), 8, E2E_LONGEST, 8 * E2E_LONGEST // 2)
+        per_position = step_flops(config, LORA.r, len(LORA.targets), 1, round(E2E_POSITIONS), 0) / round(E2E_POSITIONS)
+        head = 4 * config.n_embd * config.vocab_size * E2E_LOSS_POSITIONS
+        total = EPOCHS * E2E_EXAMPLES * (E2E_POSITIONS * per_position + head)
+        times = [total / (mfu * tflops * 1e12) for tflops in peak_tflops.values()]
+        lines.append(f"| {name} | {memory / 2**30:.1f} GiB | " + " | ".join(f"{t / 60:.1f} min" for t in times) + " |")
+    return "\n".join(lines)
+
+
+def count_ops(n_layer: int, precision: str) -> tuple[int, int]:
+    """(aten operations, of which views) that one eager training step of ours dispatches (forward,
+    loss, backward; the fused AdamW step adds one), counted on the CPU. Every one is a dispatch
+    on the host and, views aside, a kernel launch on a GPU. The count depends on the number of
+    layers, not on the width or the batch, so a narrow model gives the count of a wide one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "t", "transpose", "split", "unsqueeze", "expand", "detach", "alias", "slice"}
+    counts = {"all": 0, "views": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["all"] += 1
+            counts["views"] += func.overloadpacket.__name__ in views
+            return func(*args, **(kwargs or {}))
+
+    config = GPTConfig(n_layer=n_layer, n_head=2, n_embd=32)
+    device = torch.device("cpu")
+    model, loss = ours(config, precision, device, batch_like_e2e(1, 16, config.vocab_size, device))
+    loss(model).backward()  # the first step allocates what later ones reuse
+    model.zero_grad(set_to_none=True)
+    with Counter():
+        loss(model).backward()
+    return counts["all"], counts["views"]
+
+
 # --------------------------------------------------------------------------- the two implementations
 
 def batch_like_e2e(batch: int, seq_len: int, vocab: int, device: torch.device):
@@ -89,7 +160,7 @@ def ours(config: GPTConfig, precision: str, device: torch.device, data):
     idx, targets, loss_mask = data
 
     def loss(m):
-        with autocast(precision, device):
+        with autocast_for(precision, device):
             logits = m(idx, logits_mask=loss_mask)  # (N, vocab): only where there is loss
         return masked_lm_loss(logits, targets, loss_mask, LABEL_SMOOTHING)
 
@@ -112,7 +183,7 @@ def reference(config: GPTConfig, precision: str, device: torch.device, data):
     labels = torch.where(loss_mask, idx, -100)
 
     def loss(m):
-        with autocast(precision, device):
+        with autocast_for(precision, device):
             return m(input_ids=idx, labels=labels).loss
 
     return model, loss
@@ -169,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: LoRA r={LORA.r} on {','.join(LORA.targets)}, batch {args.batch_size} x {args.seq_len} "
           f"positions, loss on {n_loss}: {flops / 1e9:,.1f} GFLOP per step, {flops / positions / 1e9:.3f} GFLOP "
           "per position (benchmarks/gpu.py step_flops)")
+    for precision in ("fp32", "bf16"):
+        n_ops, n_views = count_ops(config.n_layer, precision)
+        print(f"an eager {precision} step dispatches {n_ops:,} aten operations, {n_ops - n_views:,} of them "
+              "besides views (counted on the CPU: count_ops)")
+    print("\nEstimates (the arithmetic above and the memory model in estimate_memory; E2E as train.py runs it):\n")
+    print(estimate_table({"A100": PEAK_TFLOPS["A100"], "H100": PEAK_TFLOPS["H100"]}), "\n")
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to measure. Run this on a machine with one.")
         return 0

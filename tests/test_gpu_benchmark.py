@@ -54,6 +54,27 @@ def test_gpt2_medium_arithmetic():
     assert 1.3e9 < flops / 512 < 1.4e9  # GFLOP per position
 
 
+def test_the_memory_model_matches_what_autograd_keeps():
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=256)
+    model = GPT(config, gpu.LORA).train()
+    model.cast_frozen_base(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    idx, targets, loss_mask = gpu.batch_like_e2e(2, 32, config.vocab_size, torch.device("cpu"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(idx, logits_mask=loss_mask)
+        masked_lm_loss(logits, targets, loss_mask, 0.1)
+    estimate = gpu.saved_for_backward(config, 2, 32, int(loss_mask.sum()))
+    assert sum(saved.values()) == pytest.approx(estimate, rel=0.05)
+
+
 def test_without_a_gpu_it_says_so_and_exits_0(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu.main([]) == 0
