@@ -15,6 +15,7 @@ all but a few run with `-m slow`.
 """
 import csv
 import importlib.util
+import io
 import sys
 import time
 from pathlib import Path
@@ -202,6 +203,15 @@ def test_the_per_sequence_mean_is_named_only_when_that_is_the_mistake(tmp_path):
                     "    return per_row[loss_mask.any(1)].mean()\n")
     assert "the mean of the per-sequence means" in failed(grade.grade("assignment4", student, isolated=False))[
         "per_token_mean"]
+
+
+def test_the_instructor_guide_shows_the_grader_s_real_output(tmp_path):
+    readme = (ASSIGNMENTS_DIR / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("$ python grade.py assignment6 assignment6_kv_cache.py\n")[1].split("```")[0]
+    student = plant(tmp_path, "assignment6", ".tril(diagonal=S - T)", ".tril()")
+    out = io.StringIO()
+    grade.report(grade.grade("assignment6", student, isolated=False), student.name, out)
+    assert out.getvalue() == shown
 
 
 def test_calling_lora_min_instead_of_writing_it_is_a_violation(tmp_path):
