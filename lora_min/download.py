@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from lora_min.fileio import new_file_mode
+
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: small enough for a lively progress line
 
 
@@ -75,6 +77,7 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, time
     suffix = f" {hint}" if hint else ""
     with folder_for(dest.parent):  # a failed download leaves no new empty folders behind
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0o600 would make the download private
         tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
