@@ -59,7 +59,7 @@ class Limits:
     import_s: float = 60.0  # starting Python, importing torch and the submission (a busy machine is slow)
     case_s: float = 20.0
     total_s: float = 120.0
-    memory_bytes: int = 3 << 30  # address space: torch takes ~0.8 GB of it
+    memory_bytes: int = 2 << 30  # address space on top of Python + torch (~0.8 GB for a CPU build, more with CUDA)
     open_files: int = 256
     file_bytes: int = 64 << 20
     processes: int = 64  # on top of the user's own (threads count too); root is exempt by the OS
@@ -172,8 +172,9 @@ def score_checks(score: Score, checks: list, cases: list[list], results: list[li
 
 
 def kernel_limits(limits: Limits) -> list[tuple[int, int]]:
-    """(resource, value) pairs: CPU seconds, address space, open files, file size, core dumps, processes."""
-    return [(resource.RLIMIT_CPU, int(limits.total_s) + 5), (resource.RLIMIT_AS, limits.memory_bytes),
+    """(resource, value) pairs: CPU seconds, open files, file size, core dumps, processes. The
+    child limits its address space itself, once it knows what torch took (child.limit_memory)."""
+    return [(resource.RLIMIT_CPU, int(limits.total_s) + 5),
             (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_FSIZE, limits.file_bytes),
             (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, threads_of_this_user() + limits.processes)]
 
@@ -232,7 +233,8 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
         preexec = (lambda: limit_myself(pairs)) if pairs else None
         with open(root / "child.log", "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library)],
+                [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library),
+                 str(limits.memory_bytes)],
                 cwd=workdir, env=child_environment(workdir), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
             try:
