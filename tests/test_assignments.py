@@ -221,6 +221,13 @@ def test_calling_lora_min_instead_of_writing_it_is_a_violation(tmp_path):
         "line 1 imports lora_min.data.masked_lm_loss, the reference it is graded against: write it yourself"]
 
 
+def test_log_of_softmax_is_named_when_large_logits_break_it(tmp_path):
+    student = plant(tmp_path, "assignment4", "torch.log_softmax(logits[loss_mask].float(), dim=-1)",
+                    "torch.log(torch.softmax(logits[loss_mask].float(), dim=-1))")
+    reason = failed(grade.grade("assignment4", student, isolated=False))["stable"]
+    assert reason.startswith("the loss is nan for logits of size ~1000, where the answer is finite: log(softmax) underflows")
+
+
 def test_a_crash_names_the_student_line(tmp_path):
     student = write(tmp_path, "assignment3", "def count_trainable(model):\n    return model.no_such_thing\n")
     reason = failed(grade.grade("assignment3", student, isolated=False))["count"]
