@@ -88,6 +88,7 @@ def tgen_scores(e2e_dir: Path, shared_dir: Path) -> dict:
     return e2e_scores(system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir))
 
 
+@pytest.mark.slow
 def test_e2e_scores_equal_the_official_scorer(e2e_dir, shared_dir):
     """All five on TGen's output. OFFICIAL's METEOR is pycocoevalcap's own `Meteor` class on the Java
     tokenizer's output; e2e_scores runs the same jar on the same tokens, so it must be identical.
@@ -105,6 +106,7 @@ def test_e2e_scores_equal_the_official_scorer(e2e_dir, shared_dir):
         assert set(scores) == set(metrics.METRICS)
 
 
+@pytest.mark.slow
 def test_bleu_and_nist_of_sclstm_equal_the_official_mteval(e2e_dir, shared_dir):
     hyps, refs = mteval_tokens(e2e_dir, shared_dir, "sclstm")
     assert len(hyps) == len(refs) == 630

@@ -25,6 +25,7 @@ def test_all_seven_chapters_are_there():
     assert [p.name[:2] for p in CHAPTERS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_runs_and_prints_what_it_says(chapter, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "small")
