@@ -7,7 +7,7 @@ from grading_common import Case, Check, Failure, close, label, rng
 from lora_min.data import masked_lm_loss
 from lora_min.model import GPT, GPTConfig, LoRAConfig, is_lora_param
 
-TITLE = "adapting a pretrained model: LoRA vs full fine-tuning"
+TITLE = "adapting: LoRA vs full fine-tuning"
 ALLOWED_IMPORTS = frozenset({"lora_min.data.masked_lm_loss", "lora_min.model.GPT"})  # what the starter imports
 
 
