@@ -15,6 +15,12 @@ ALLOWED_IMPORTS = frozenset({"lora_min.data.masked_lm_loss", "lora_min.model.GPT
 # Probes: run in the child, on the submission
 
 
+def warm_up() -> None:
+    """Run by the child before the submission: torch's first optimizer imports torch._dynamo
+    (seconds on a busy machine), which must not count against the first case's time limit."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
 def build(config: dict, lora: dict | None, seed: int) -> GPT:
     """The "pretrained" model: the same weights wherever it is built with the same seed."""
     with torch.random.fork_rng():
