@@ -46,7 +46,7 @@ from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save
 from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
                            load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
                            resolve_e2e_dir)
-from lora_min.device import HALF_DTYPES, autocast_for, pick_device, pick_precision
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     # microsoft/LoRA's E2E script: --random_seed 110
     g.add_argument("--seed", type=int, default=110, help="seed of initialisation, data order and dropout")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA GPUs that support it, fp16 with a grad scaler on older "
                         "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
                         "bfloat16 instructions gain from them)")
