@@ -3,7 +3,7 @@
     python train.py                                  # the paper's GPT-2 (124M) run on E2E
     python train.py --model gpt2-medium              # the paper's Table 3 row (GPT-2 M)
     python train.py --full                           # full fine-tuning, the paper's FT baseline
-    python train.py --demo                           # a 1-minute pipeline check on any CPU
+    python train.py --demo                           # a pipeline check on any CPU, no download
     torchrun --nproc_per_node=4 train.py             # data parallel on 4 GPUs
     python train.py --resume --out runs/e2e-gpt2-lora   # continue an interrupted run exactly
 
@@ -23,7 +23,8 @@ thousands of small kernels and waits on their launches (benchmarks/gpu.py measur
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
 RNG states, data position), log.jsonl (every logged step), loss.png (with matplotlib),
-summary.json, and eval/ (generated text and scores).
+summary.json, eval/ (generated text and scores), and .lock (while a run holds the folder, a
+second run on it is refused).
 """
 from __future__ import annotations
 
@@ -48,24 +49,24 @@ from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e,
                            resolve_e2e_dir)
 from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
+from lora_min.demo import DEMO, load_base
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
                            validate_args)
 from lora_min.metrics import format_scores
-from lora_min.model import GPT, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
+from lora_min.model import GPT, LORA_TARGETS, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
 from lora_min.weights import HUB_NAMES, resolve_checkpoint
 
-# The demo's model: GPT-2's tokenizer, vocabulary and layout, but 4 thin layers with random weights.
-DEMO_CONFIG = GPTConfig(n_layer=4, n_head=4, n_embd=128)
-# What --demo changes unless the flag is given: a short run with a larger learning rate, so the
-# loss visibly falls within a few dozen steps, and a small slice of dev and test.
 # How long the other processes of a torchrun job wait while rank 0 downloads the weights:
 # gpt2-xl is 6.4 GB, two hours at 1 MB/s.
 DOWNLOAD_TIMEOUT = timedelta(hours=2)
-DEMO_DEFAULTS = dict(data_dir="demo", out="runs/demo", max_steps=60, warmup_steps=6, lr=1e-2,
-                     log_every=5, dev_every=30, save_every=30, dev_limit=100, eval_limit=40)
+# What --demo changes unless the flag is given: the demo's random base (lora_min/demo.py), a short
+# run with a larger learning rate, so the loss visibly falls within a few dozen steps, and a small
+# slice of dev and test (decoding 20 MRs takes less time than the training).
+DEMO_DEFAULTS = dict(model=DEMO, data_dir="demo", out="runs/demo", max_steps=60, warmup_steps=6, lr=1e-2,
+                     log_every=5, dev_every=30, save_every=30, dev_limit=100, eval_limit=20)
 DEMO_BANNER = """\
 ==============================================================================
  DEMO: a pipeline check with a small, RANDOMLY INITIALISED GPT-2-shaped model.
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for checkpoints, logs and scores (default: runs/e2e-<model>-lora or -full)")
     g.add_argument("--demo", action="store_true",
                    help="pipeline check: a small random GPT-2-shaped model, the demo data, 60 steps, then "
-                        "decoding and scoring; under 2 minutes on 2 CPU cores, no download")
+                        "decoding and scoring; no download, about 40 s of CPU time (README: measured times)")
     g = p.add_argument_group("LoRA (paper Table 11)")
     g.add_argument("--full", action="store_true",
                    help="train all weights instead of LoRA (the paper's FT baseline); no --lora-* flags then")
@@ -183,9 +184,7 @@ def build_model(args: argparse.Namespace) -> GPT:
     """The base model with LoRA on --lora-targets (or without LoRA, all weights trainable, for --full)."""
     lora = None if args.full else LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                              targets=tuple(args.lora_targets.split(",")))
-    if args.demo:
-        return GPT(DEMO_CONFIG, lora)  # random weights: a pipeline check, not a language model
-    return GPT.from_pretrained(args.model, lora=lora)
+    return load_base(args.model, lora)  # --demo: random weights, a pipeline check, not a language model
 
 
 def make_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
@@ -311,6 +310,8 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
     the user's to fix: a ConfigError naming the file, before training."""
     if args.demo:
         say(DEMO_BANNER.format(data=resolve_e2e_dir(args.data_dir)))
+        if not args.resume and (Path(args.out) / "run.json").is_file():
+            say(f"note: replacing the earlier demo run in {args.out} (give --out to keep both)")
     try:  # data first: it is quick, and a bad file fails before a model is downloaded
         train_examples = load_examples(args, "train", dist)
         dev_examples = load_examples(args, "dev", dist)[:args.dev_limit or None]
@@ -368,11 +369,14 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
             start_fresh(args)
 
     n_trainable, n_params = count_trainable(model), sum(p.numel() for p in model.parameters())
-    say(f"model: {'demo (random) ' + str(DEMO_CONFIG) if args.demo else args.model}, "
+    epochs = math.ceil(total_steps / steps_per_epoch)  # the epochs this run starts (--max-steps may cut them)
+    c = model.config
+    say(f"model: {args.model}{f' (random weights, {c.n_layer} layers, {c.n_embd} wide)' if args.demo else ''}, "
         f"{'full fine-tuning' if args.full else 'LoRA on ' + args.lora_targets + f', r={args.lora_r}'}, "
         f"{n_trainable:,} of {n_params:,} parameters trainable ({100 * n_trainable / n_params:.2f}%)")
-    say(f"data: {len(train_examples):,} training examples, {steps_per_epoch:,} steps per epoch, "
-        f"{total_steps:,} steps; device {device}, {precision}, {dist.world_size} process(es)")
+    say(f"data: {len(train_examples):,} training examples, {steps_per_epoch:,} steps per epoch; this run: "
+        f"{total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs); device {device}, {precision}, "
+        f"{dist.world_size} process(es)")
 
     train_model: torch.nn.Module = model
     if args.compile:
@@ -412,7 +416,7 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
             if step % args.log_every == 0 or step == total_steps:
                 record = dict(step=step, epoch=position.epoch + 1, loss=loss, lr=lr,
                               tokens_per_s=progress.take_tokens_per_s(), elapsed_s=time.time() - started)
-                say(progress.line(record, args.epochs), flush=True)
+                say(progress.line(record, epochs), flush=True)
                 if dist.is_main:
                     append_log(log_path, record)
             if (args.dev_every and step % args.dev_every == 0) or step == total_steps:
@@ -455,6 +459,10 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
     print(f"peak memory: {format_bytes(peak) if peak else 'unknown'} "
           f"({'CUDA tensors' if device.type == 'cuda' else 'process resident set'})")
     print(f"loss curve: {out / 'loss.png' if plotted else 'not drawn (pip install matplotlib)'}")
+    if args.demo:
+        print(f"(the loss starts near ln {model.config.vocab_size} = {math.log(model.config.vocab_size):.1f}, "
+              "a uniform guess over GPT-2's tokens; a few dozen LoRA steps on random weights lower it only a "
+              "little: the demo checks that the pipeline runs, not that it learns)")
     if not args.no_eval:
         try:
             summary["eval"] = run_evaluation(model, args, autocast)
@@ -464,6 +472,11 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
     summary["wall_seconds"] = time.time() - started
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"summary: {out / 'summary.json'} (wall time {format_duration(summary['wall_seconds'])})")
+    if args.demo:
+        print(f"\nnext, with this adapter (offline, on the demo base and data it names):\n"
+              f"  python -m lora_min.evaluate --adapter {weights}          # decode and score again\n"
+              f"  python -m lora_min.adapters export-merged {weights} {out / 'merged'}   # a Hugging Face checkpoint\n"
+              f"then the paper's experiment (downloads GPT-2 and the E2E data): python train.py")
     return 0
 
 

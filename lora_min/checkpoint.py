@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 from lora_min.adapters import save_adapter
 from lora_min.data import Position
 from lora_min.distributed import Dist, barrier
-from lora_min.fileio import atomic_write_bytes, atomic_write_text
+from lora_min.fileio import atomic_write_bytes, atomic_write_text, folder_for
 from lora_min.flags import ConfigError
 from lora_min.hf_interop import export_merged
 from lora_min.model import GPT
@@ -38,6 +38,7 @@ RESUME_KEYS = ("step", "epoch", "batch", "trainable", "optimizer", "scaler", "rn
 def start_fresh(args: argparse.Namespace) -> None:
     """A new run in --out: nothing of an earlier one may be mistaken for ours; run.json keeps the flags."""
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "run.json", json.dumps(vars(args), indent=2) + "\n")
@@ -53,9 +54,9 @@ def save_weights(model: GPT, args: argparse.Namespace, step: int) -> Path:
     if args.full:
         export_merged(model, args.out, metadata={"step": str(step)})
     else:
-        base = "random demo model (train.py --demo)" if args.demo else args.model
-        save_adapter(model, weights_path(args), base_model=base,
-                     extra_metadata={"step": str(step), "seed": str(args.seed)})
+        trained_on = {} if args.data_dir is None else {"data_dir": str(args.data_dir)}  # evaluate's default
+        save_adapter(model, weights_path(args), base_model=args.model,
+                     extra_metadata={"step": str(step), "seed": str(args.seed), **trained_on})
     return weights_path(args)
 
 
@@ -157,19 +158,26 @@ def lock_out_dir(out: str | Path) -> Iterator[None]:
     """Hold --out for the run: a second run started on the same folder is refused, naming the first
     one's process, instead of both writing its files. The kernel drops the lock when the process
     ends, however it ends (flock on a file inside --out; the file keeps the holder's pid)."""
-    path = Path(out) / ".lock"
-    with open(path, "a+") as f:
+    out = Path(out)
+    path = out / ".lock"
+    with folder_for(out):  # a run that fails before writing anything leaves no empty folder behind
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise ConfigError(f"--out {out} is in use by another run (process {holder}); wait for it to end, "
-                              "or choose another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
+            with open(path, "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise ConfigError(f"--out {out} is in use by another run (process {holder}); wait for it to "
+                                      "end, or choose another --out") from None
+                f.truncate(0)
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                yield
+        except BaseException:
+            if [p.name for p in out.iterdir()] == [".lock"]:  # the run failed before writing anything
+                path.unlink()
+            raise
 
 
 class StopSignal:

@@ -190,17 +190,6 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch_load(path)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; "
-                             "expected a state dict of tensors (name -> tensor)")
-    return state
-
-
 def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> object:
     """torch.load what torch.save wrote, refusing what could run code or inflate without bound;
     ValueError names the file."""
@@ -220,6 +209,18 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> ob
                          f"weights_only=True): {why.strip()}") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch_load a file that must hold a flat dict name -> tensor."""
+    state = torch_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; "
+                             "expected a state dict of tensors (name -> tensor)")
+    return state
 
 
 def warn_if_not_finite(tensors: dict[str, torch.Tensor], source: str) -> None:

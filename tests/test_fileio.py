@@ -61,3 +61,13 @@ def test_a_full_disk_names_the_file(tmp_path):
     with pytest.raises(OSError) as info:
         atomic_write_bytes(tmp_path / "resume.pt", disk_full)
     assert info.value.filename == str(tmp_path / "resume.pt") and info.value.errno == errno.ENOSPC
+
+
+def test_the_file_gets_the_usual_permissions(tmp_path):
+    """Like any new file (0o666 less the umask): an adapter written for sharing is not private."""
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "adapter.json", "{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

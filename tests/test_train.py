@@ -21,9 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_min.metrics
 import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
-from lora_min.adapters import load_adapter
-from lora_min.data import DEMO_DIR, Example, Position, encode_example, global_batches, load_split
+from lora_min import adapters, evaluate
+from lora_min.adapters import load_adapter, model_from_adapter, read_adapter_metadata
+from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_batches, group_references, load_split,
+                           read_e2e_csv, references_for_scoring)
 from lora_min.device import HALF_DTYPES
 from lora_min.distributed import Dist
 from lora_min.model import GPT, lora_state_dict
@@ -110,8 +113,8 @@ def test_compile_trains_the_same_steps_as_eager(tmp_path):
     expected, _ = read_safetensors(tmp_path / "eager" / "adapter.safetensors")
     actual, _ = read_safetensors(tmp_path / "compiled" / "adapter.safetensors")
     assert actual.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
+    for key in expected:  # Adam divides by sqrt(v): where a gradient is near 0, its rounding moves a weight by
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5)  # up to ~1e-3 x lr
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -410,6 +413,8 @@ def make_file(path: Path) -> Path:
     (["--demo", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
     (["--demo", "--max-new-tokens", "1024"], "--max-new-tokens 1024 plus the longest test prompt"),
     (["--demo", "--beam-size", "100000"], "--beam-size 100000 x --eval-batch-size 8 = 800,000 beams need about"),
+    (["--demo", "--beam-size", "0"], "--beam-size must be a positive integer, got 0"),
+    (["--demo", "--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
     pytest.param(["--demo", "--device", "cuda"], "--device cuda: no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
 ])
@@ -420,7 +425,7 @@ def test_bad_flags_fail_before_training_naming_the_flag(tmp_path, capsys, flags,
     out = ["--out", str(tmp_path / "out")] if "--out" not in flags else []
     assert train.main(flags + out) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "log.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty"]  # no --out folder was made
 
 
 def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_and_auto_picks_fp16(tmp_path, monkeypatch, capsys):
@@ -520,6 +525,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert summary["eval"]["text"] == "paper"
     assert "BLEU" in result.stdout and (out / "eval" / "predictions.txt").is_file()
     assert "measure_scores.py -p" in result.stdout and "Perl" in result.stdout
+    assert "step 6/6 | epoch 1/1 |" in result.stdout  # the steps and epochs this run does, not --epochs
+    assert "this run: 6 steps (0.15 epochs)" in result.stdout
+    assert json.loads((out / "run.json").read_text())["model"] == "demo"
+    assert f"python -m lora_min.evaluate --adapter {out / 'adapter.safetensors'}" in result.stdout
 
 
 def test_text_flag_trains_on_the_papers_text_or_the_csv_text():
@@ -528,6 +537,40 @@ def test_text_flag_trains_on_the_papers_text_or_the_csv_text():
     mr, ref = load_split("train", "demo")[0]
     assert paper[0] == encode_example(mr, ref, "paper") and raw[0] == encode_example(mr, ref, "raw-csv")
     assert paper[0] != raw[0] and len(paper) == len(raw)
+
+
+def test_the_demo_adapter_goes_through_every_adapter_command(tmp_path, monkeypatch, capsys):
+    """The commands the demo suggests, and the other adapter commands, on the demo's own output."""
+    out = tmp_path / "demo"
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out)]) == 0
+    adapter = out / "adapter.safetensors"
+    metadata = read_adapter_metadata(adapter)
+    assert (metadata["base_model"], metadata["data_dir"]) == ("demo", "demo")
+
+    monkeypatch.setattr(lora_min.metrics, "meteor", lambda hyps, refs: (None, "not run in this test"))
+    monkeypatch.setenv("LORA_MIN_E2E_DIR", str(tmp_path / "no-such-folder"))  # the adapter's data_dir wins
+    assert evaluate.main(["--adapter", str(adapter), "--limit", "2", "--beam-size", "2",
+                          "--max-new-tokens", "4"]) == 0
+    first_refs = references_for_scoring(group_references(read_e2e_csv(DEMO_DIR / "testset_w_refs.csv"))[0][1])
+    assert (out / "eval" / "references.txt").read_text().split("\n\n")[0].splitlines() == first_refs
+
+    adapters.main(["export-merged", str(adapter), str(tmp_path / "merged")])
+    adapters.main(["export-peft", str(adapter), str(tmp_path / "peft")])
+    adapters.main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "back.safetensors")])
+    tokens = torch.tensor([[464, 2068, 7586, 21831]])
+    with torch.no_grad():
+        expected = model_from_adapter(adapter).eval()(tokens)
+        assert torch.allclose(GPT.from_pretrained(tmp_path / "merged").eval()(tokens), expected, atol=1e-5)
+        assert torch.equal(model_from_adapter(tmp_path / "back.safetensors").eval()(tokens), expected)
+
+
+def test_a_second_demo_says_it_replaces_the_first(tmp_path, capsys):
+    out = ["--max-steps", "1", "--out", str(tmp_path / "demo")]
+    assert train.main(TINY + out) == 0
+    assert "replacing" not in capsys.readouterr().out
+    assert train.main(TINY + out) == 0
+    assert f"note: replacing the earlier demo run in {tmp_path / 'demo'} (give --out to keep both)" in \
+        capsys.readouterr().out
 
 
 def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
