@@ -101,6 +101,7 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_steps(tmp_path):
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_steps_as_eager(tmp_path):
     """--compile (torch.compile; on the CPU it needs a C++ compiler and ~20 s to compile) gives
     the eager run's losses and adapter, to float32 rounding. Two steps at a high learning rate, so
@@ -132,6 +133,7 @@ def start_and_interrupt(args: list[str], when: str, signum: int) -> int:
     return proc.wait(timeout=120)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     run = TINY + ["--max-steps", "16", "--save-every", "4"]  # LoRA dropout stays on: RNG state matters
     full, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
@@ -257,6 +259,7 @@ def test_a_full_disk_is_one_line_that_says_resume_continues(tmp_path, monkeypatc
 
 # --------------------------------------------------------------------------- data parallel
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of every batch of 8; the loss of
     every step, the dev loss and the adapter match one process within float32 rounding
@@ -336,6 +339,7 @@ def loss_with_events(multiply_at: int | None = None, by: float = 1e30, sigterm_a
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_like_fp32_and_resumes_exactly(tmp_path, monkeypatch, precision):
     """The autocast and grad-scaler code that CUDA runs use, run on the CPU. The losses stay near
@@ -502,6 +506,7 @@ def test_full_fine_tuning_trains_every_weight_and_saves_the_official_layout(tmp_
 
 # --------------------------------------------------------------------------- the demo
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     """`python train.py --demo`, shortened: train, save, plot, decode and score."""
     out = tmp_path / "demo"
@@ -573,6 +578,7 @@ def test_a_second_demo_says_it_replaces_the_first(tmp_path, capsys):
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
     out = tmp_path / "demo-e2e"
     assert train.main(TINY + ["--data-dir", str(e2e_dir), "--max-steps", "2", "--out", str(out)]) == 0
