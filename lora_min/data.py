@@ -44,8 +44,9 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from lora_min.download import DownloadError, download_file, folder_for
-from lora_min.tokenizer import EOT, get_tokenizer
+from lora_min.download import DownloadError, download_file
+from lora_min.fileio import folder_for
+from lora_min.tokenizer import EOT, PAD_ID, get_tokenizer
 
 # --------------------------------------------------------------------------- where
 
@@ -377,9 +378,7 @@ def references_for_scoring(refs: Sequence[str], text: str = "paper", split: str 
 
 # --------------------------------------------------------------------------- tokens
 
-# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR, end of the reference,
-# and padding.
-PAD_ID = EOT
+# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR and end of the reference.
 
 
 def encode_prompt(mr: str, text: str = "paper") -> list[int]:

@@ -35,10 +35,12 @@ import torch
 from lora_min import decode
 from lora_min.data import (TEXTS, decode_completion, encode_prompt, group_references, load_split,
                            references_for_scoring)
-from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.fileio import atomic_write_text
+from lora_min.flags import ConfigError, check_decoding_flags
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores_both, format_scores
 from lora_min.model import GPT, GPT2_SIZES, GPTConfig
+from lora_min.runlog import format_duration, show_progress
 
 
 def evaluate_split(
@@ -117,27 +119,15 @@ def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_t
                                             no_repeat_ngram_size, batch_size=len(batch))
         texts += [one_line(decode_completion(tokens)) for tokens in new_tokens]
         if progress is not None:
-            show_progress(progress, len(texts), len(prompts), time.perf_counter() - started, previous=start)
+            done, rate = len(texts), len(texts) / max(time.perf_counter() - started, 1e-9)
+            show_progress(progress, f"decoding: {done}/{len(prompts)} MRs, {rate:.2f} MRs/s, "
+                                    f"{format_duration((len(prompts) - done) / rate)} left", done, len(prompts), start)
     return texts
 
 
 def one_line(text: str) -> str:
     """Whitespace runs (newlines included) as single spaces: one text must be one line in the files."""
     return " ".join(text.split())
-
-
-def show_progress(stream: TextIO, done: int, total: int, seconds: float, previous: int) -> None:
-    """'decoding: 40/630 MRs, 1.9 MRs/s, 5m10s left' on one line, rewritten in place on a terminal;
-    in a log file, a new line at every tenth of the way (and at the end) instead."""
-    if not stream.isatty() and done < total and done * 10 // total == previous * 10 // total:
-        return
-    rate = done / max(seconds, 1e-9)
-    left = (total - done) / rate
-    line = f"decoding: {done}/{total} MRs, {rate:.2f} MRs/s, {int(left // 60)}m{int(left % 60):02d}s left"
-    if stream.isatty():
-        print("\r" + line, end="\n" if done == total else "", file=stream, flush=True)
-    else:
-        print(line, file=stream, flush=True)
 
 
 def paper_size_note(config: GPTConfig, base: str) -> str | None:
@@ -169,9 +159,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
     p.add_argument("--model", help="base model: gpt2, gpt2-medium, ..., demo, or a checkpoint path "
                                    "(default: the base named in the adapter file)")
-    p.add_argument("--split", default="test", choices=["test", "dev"], help="E2E split to decode (default: %(default)s)")
-    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
-                                      "else data/e2e, downloaded if missing)")
+    p.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="E2E split to decode (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: the one the adapter was "
+                                      "trained on if train.py was given one, else $LORA_MIN_E2E_DIR, else "
+                                      "data/e2e, downloaded if missing)")
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
                                             "writes its evaluation; replaced if it exists)")
@@ -179,15 +171,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the text the adapter was trained on: the paper's tokenized text (default) or "
                         "raw-csv, the official CSV text as it is")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
-    g.add_argument("--beam-size", type=positive_int, default=10, help="beams per MR (default: %(default)s)")
+    g.add_argument("--beam-size", type=int, default=10, help="beams per MR (default: %(default)s)")
     g.add_argument("--length-penalty", type=float, default=0.9,
                    help="scores are divided by length ** this (default: %(default)s)")
     g.add_argument("--no-repeat-ngram-size", type=int, default=4,
                    help="never repeat an n-gram of this size; 0 allows repeats (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=64,
+    g.add_argument("--max-new-tokens", type=int, default=64,
                    help="longest text generated per MR (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="MRs decoded side by side (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -195,12 +187,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")
-    if args.no_repeat_ngram_size < 0:
-        p.error(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
     try:
+        check_decoding_flags(args.beam_size, args.max_new_tokens, args.length_penalty, args.no_repeat_ngram_size,
+                             args.batch_size, "--batch-size")
         args.device = pick_device(args.device)
         args.precision = pick_precision(args.precision, args.device)
-    except ValueError as err:
+    except ConfigError as err:
         p.error(str(err))
     return args
 
@@ -211,19 +203,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    metadata = read_adapter_metadata(args.adapter)
+    data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
     model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])
     out = args.out or args.adapter.parent / "eval"
-    with autocast(args.precision, args.device):  # as train.py evaluates
+    with autocast_for(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
-            model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+            model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
             batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=args.text)
     print(format_scores(scores["scores"], official=scores["scores_perl"]))
     print("(BLEU, METEOR, ROUGE-L x100)")
-    note = paper_size_note(model.config, args.model or read_adapter_metadata(args.adapter)["base_model"])
+    note = paper_size_note(model.config, args.model or metadata["base_model"])
     if note:
         print(note)
     print(f"{args.split} split: predictions, references and scores.json in {out}")

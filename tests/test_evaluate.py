@@ -1,5 +1,4 @@
 """lora_min/evaluate.py end to end on a tiny random model and the demo data (data/demo/)."""
-import io
 import json
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import lora_min.metrics
 from lora_min.adapters import export_merged, save_adapter
 from lora_min.data import DEMO_DIR, group_references, read_e2e_csv, references_for_scoring
-from lora_min.evaluate import decode_mrs, evaluate_split, main, one_line, paper_size_note, show_progress
+from lora_min.evaluate import decode_mrs, evaluate_split, main, one_line, paper_size_note
 from lora_min.metrics import e2e_scores
 from lora_min.model import GPT, GPTConfig, LoRAConfig
 
@@ -82,22 +81,6 @@ def test_greedy_evaluation_records_its_method(tmp_path):
 
 def test_texts_become_single_lines():
     assert one_line(" A pub.\n\nIt is\tcheap. ") == "A pub. It is cheap."
-
-
-def test_progress_rewrites_one_line_on_a_terminal_and_logs_tenths_elsewhere():
-    log = io.StringIO()
-    for done in range(1, 21):
-        show_progress(log, done, 20, seconds=done / 2, previous=done - 1)
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("decoding: 20/20 MRs, 2.00 MRs/s")
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    term = Terminal()
-    show_progress(term, 3, 4, seconds=1.5, previous=2)
-    assert term.getvalue() == "\rdecoding: 3/4 MRs, 2.00 MRs/s, 0m00s left"
 
 
 def test_command_line_loads_base_and_adapter_and_prints_the_paper_row(tmp_path, capsys):
@@ -202,3 +185,14 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
         expected = decode_mrs(model.eval(), [mr for mr, _ in demo_groups(2)], beam_size=2, max_new_tokens=4,
                               progress=None)
     assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected
+
+
+@pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be a positive integer"),
+                                            (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0"),
+                                            (["--batch-size", "0"], "--batch-size must be a positive integer")])
+def test_command_line_names_a_bad_decoding_flag(tmp_path, capsys, flags, message):
+    adapter = tmp_path / "adapter.safetensors"
+    adapter.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(adapter), *flags])
+    assert message in capsys.readouterr().err
