@@ -167,9 +167,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
                                             "writes its evaluation; replaced if it exists)")
-    p.add_argument("--text", choices=TEXTS, default="paper",
-                   help="the text the adapter was trained on: the paper's tokenized text (default) or "
-                        "raw-csv, the official CSV text as it is")
+    p.add_argument("--text", choices=TEXTS,
+                   help="the text to prompt and score with: the paper's tokenized text or raw-csv, the official "
+                        "CSV text as it is (default: the one the adapter was trained on, else paper)")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
     g.add_argument("--beam-size", type=int, default=10, help="beams per MR (default: %(default)s)")
     g.add_argument("--length-penalty", type=float, default=0.9,
@@ -205,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     metadata = read_adapter_metadata(args.adapter)
     data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
+    text = args.text or metadata.get("text", "paper")  # and the text it was trained on
     model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = evaluate_split(
             model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=args.text)
+            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=text)
     print(format_scores(scores["scores"], official=scores["scores_perl"]))
     print("(BLEU, METEOR, ROUGE-L x100)")
     note = paper_size_note(model.config, args.model or metadata["base_model"])

@@ -144,6 +144,16 @@ def tiny_adapter(tmp_path):
     return tmp_path / "adapter.safetensors", model
 
 
+def test_command_line_scores_with_the_text_the_adapter_was_trained_on(tmp_path):
+    _, model = tiny_adapter(tmp_path)
+    save_adapter(model, tmp_path / "raw.safetensors", base_model=str(tmp_path / "base"),
+                 extra_metadata={"text": "raw-csv"})  # what train.py --text raw-csv records
+    for flags, expected in (([], "raw-csv"), (["--text", "paper"], "paper")):
+        assert main(["--adapter", str(tmp_path / "raw.safetensors"), "--data-dir", "demo", "--limit", "1",
+                     "--greedy", "--max-new-tokens", "2", *flags]) == 0
+        assert json.loads((tmp_path / "eval" / "scores.json").read_text())["text"] == expected
+
+
 def test_command_line_decodes_on_the_gpu_under_autocast_when_there_is_one(tmp_path, monkeypatch):
     import lora_min.evaluate
 

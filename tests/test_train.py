@@ -550,7 +550,7 @@ def test_the_demo_adapter_goes_through_every_adapter_command(tmp_path, monkeypat
     assert train.main(TINY + ["--max-steps", "2", "--out", str(out)]) == 0
     adapter = out / "adapter.safetensors"
     metadata = read_adapter_metadata(adapter)
-    assert (metadata["base_model"], metadata["data_dir"]) == ("demo", "demo")
+    assert (metadata["base_model"], metadata["data_dir"], metadata["text"]) == ("demo", "demo", "paper")
 
     monkeypatch.setattr(lora_min.metrics, "meteor", lambda hyps, refs: (None, "not run in this test"))
     monkeypatch.setenv("LORA_MIN_E2E_DIR", str(tmp_path / "no-such-folder"))  # the adapter's data_dir wins
