@@ -89,6 +89,11 @@ OFFICIAL = {  # (case, mteval): (BLEU, NIST, METEOR, ROUGE_L, CIDEr)
     ("random-9", "perl"): (0.2903, 4.8599, 0.2414, 0.3499, 0.5320),  # all 630 MRs, every kind of change
     ("random-9", "python"): (0.2960, 4.8082, 0.2414, 0.3499, 0.5320),
     ("truncated-half", "perl"): (0.3331, 0.8513, 0.2609, 0.5259, 0.5661),  # the first half of each output
+    ("truncated-half", "python"): (0.3331, 0.7495, 0.2609, 0.5259, 0.5661),
+    ("doubled", "perl"): (0.3385, 4.6019, 0.3983, 0.5671, 0.1135),  # each output twice: too long
+    ("doubled", "python"): (0.3385, 4.6019, 0.3983, 0.5671, 0.1135),
+    ("random-11", "perl"): (0.2938, 4.8797, 0.2441, 0.3528, 0.4923),
+    ("random-11", "python"): (0.2993, 4.8621, 0.2441, 0.3528, 0.4923),
 }
 OFFICIAL_DIGITS = 5e-5 + 1e-9  # the scorer rounds to four decimals
 FLOAT_SUM_ORDER = 1e-12  # relative: the same sums added up in another order
