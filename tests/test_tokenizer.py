@@ -110,7 +110,7 @@ def test_tokenizer_works_with_the_network_blocked(tmp_path):
                        "print(get_tokenizer().decode(list(encode_example('name[Blue Heron]', 'Hi.').input_ids)))",
                        tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "name : Blue Heron<|endoftext|> Hi.<|endoftext|>\n"
+    assert done.stdout == "name : Blue Heron<|endoftext|> Hi . <|endoftext|>\n"  # the paper's text: "." split off
     # The block is real: tiktoken's own gpt2, which downloads its files, fails under it.
     blocked = run_offline("import tiktoken; tiktoken.get_encoding('gpt2')", tmp_path)
     assert blocked.returncode != 0 and "network blocked by the test" in blocked.stderr
