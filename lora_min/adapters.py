@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from lora_min.decode import EOS_IDS, greedy
+from lora_min.demo import DEMO, DEMO_CONFIG, load_base
 from lora_min.hf_interop import export_merged, export_peft, import_peft, read_peft_config
 from lora_min.model import (
     GPT,
@@ -114,7 +115,7 @@ def save_adapter(model: GPT, path: str | Path, *, base_model: str = "gpt2",
                  extra_metadata: dict[str, str] | None = None) -> None:
     """Save the model's (active) LoRA tensors and what they fit to `path`, atomically.
 
-    base_model: what GPT.from_pretrained should load to use this adapter ('gpt2', or a path).
+    base_model: what lora_min.demo.load_base should load to use this adapter ('gpt2', 'demo' or a path).
     extra_metadata: more strings to keep in the file (training step, loss, ...).
     """
     if model.lora_config is None:
@@ -172,9 +173,9 @@ def _architecture_from_metadata(metadata: dict[str, str], source: str) -> dict:
 
 
 def model_from_adapter(path: str | Path, base: str | Path | None = None) -> GPT:
-    """The base model the adapter names (or `base`), with the adapter loaded."""
+    """The base model the adapter names (or `base`: a GPT-2 name, 'demo' or a path), with the adapter loaded."""
     metadata = read_adapter_metadata(path)
-    model = GPT.from_pretrained(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
+    model = load_base(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
     load_adapter(model, path)
     return model
 
@@ -455,7 +456,7 @@ def greedy_mixed(model: GPT, prompts: Sequence[Sequence[int]], names: Sequence[s
 def _base_config(name_or_path: str) -> GPTConfig:
     if name_or_path in GPT2_SIZES:
         return GPTConfig.from_name(name_or_path)
-    return GPT.from_pretrained(name_or_path).config
+    return DEMO_CONFIG if name_or_path == DEMO else GPT.from_pretrained(name_or_path).config
 
 
 def info(path: str | Path) -> str:
@@ -480,11 +481,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = commands.add_parser("import-peft", help="PEFT adapter folder -> adapter file")
     p.add_argument("peft_dir", help="folder with a PEFT adapter's adapter_config.json and adapter_model.safetensors")
     p.add_argument("out_file", help="adapter file to write (.safetensors)")
-    p.add_argument("--base", help="base model name or path (default: adapter_config.json's)")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: adapter_config.json's)")
     p = commands.add_parser("export-merged", help="adapter file + base -> Hugging Face GPT-2 checkpoint folder")
     p.add_argument("adapter", help=adapter_help)
     p.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
-    p.add_argument("--base", help="base model name or path (default: the one the adapter names)")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: the one the adapter names)")
     args = parser.parse_args(argv)
 
     if args.command == "info":

@@ -14,11 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-from lora_min.fileio import atomic_write_bytes
+from lora_min.fileio import atomic_write_bytes, folder_for
 from lora_min.runlog import format_bytes, show_progress
 
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: small enough for a lively progress line
@@ -33,23 +32,6 @@ def _progress_line(desc: str, done: int, total: int | None, started: float) -> s
     rate = done / max(time.monotonic() - started, 1e-6)
     amount = f"{done / total:4.0%} {format_bytes(done)} / {format_bytes(total)}" if total else format_bytes(done)
     return f"{desc}: {amount}  {format_bytes(rate)}/s"
-
-
-@contextmanager
-def folder_for(folder: Path) -> Iterator[Path]:
-    """Create `folder` (and missing parents) for what the block writes there; if the block fails,
-    remove the folders it created again (those still empty), so a failed step leaves none behind."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield folder
-    except BaseException:
-        for path in created:
-            try:
-                path.rmdir()
-            except OSError:  # not empty (something else wrote there meanwhile): keep it
-                break
-        raise
 
 
 def download_file(url: str, dest: str | Path, *, sha256: str | None = None, timeout: float = 10.0,

@@ -3,16 +3,20 @@
     python -m lora_min.evaluate --adapter runs/e2e/adapter.safetensors [--split test] [--limit 50]
 
 One hypothesis per unique MR (the E2E scorer compares it with all of that MR's references), in
-the order MRs first appear in the CSV. Written to --out (default: eval/ beside the adapter, the
-folder train.py's own evaluation at the end of a run writes, so it always holds the latest
-evaluation of that adapter; scores.json says which split and decoding settings), each file atomically:
+the order MRs first appear in the CSV. By default the prompts and references are the paper's text
+(lora_min.data.format_mr / format_ref: microsoft/LoRA's data/e2e/*.txt); --text raw-csv uses the
+official CSV text as it is. Written to --out (default: eval/ beside the adapter, the folder
+train.py's own evaluation at the end of a run writes, so it always holds the latest evaluation of
+that adapter; scores.json says which split, text and decoding settings), each file atomically:
 
     predictions.txt   one hypothesis per line, one line per MR
     references.txt    each MR's references, one per line, a blank line between MRs
-    scores.json       BLEU, NIST, METEOR, ROUGE_L, CIDEr, the decoding settings, the paper's row
+    scores.json       the five metrics in both conventions, the decoding settings, the paper's row
 
-predictions.txt and references.txt are the layout tuetschek/e2e-metrics reads, so
-`measure_scores.py references.txt predictions.txt` scores the same files independently.
+predictions.txt and references.txt are the layout tuetschek/e2e-metrics reads (microsoft/LoRA's
+e2e_pred.txt and e2e_ref.txt), so the official scorer scores the same files independently:
+`measure_scores.py references.txt predictions.txt -p` as the paper did (its Python BLEU/NIST:
+"scores" in scores.json), without -p as the E2E challenge did (Perl mteval: "scores_perl").
 train.py calls `evaluate_split` at the end of training.
 """
 
@@ -29,11 +33,12 @@ from typing import TextIO
 import torch
 
 from lora_min import decode
-from lora_min.data import decode_completion, encode_prompt, group_references, load_split
+from lora_min.data import (TEXTS, decode_completion, encode_prompt, group_references, load_split,
+                           references_for_scoring)
 from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import ConfigError, check_decoding_flags
-from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores, format_scores
+from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores_both, format_scores
 from lora_min.model import GPT, GPT2_SIZES, GPTConfig
 from lora_min.runlog import format_duration, show_progress
 
@@ -51,12 +56,16 @@ def evaluate_split(
     batch_size: int = 8,
     limit: int | None = None,
     greedy: bool = False,
+    text: str = "paper",
 ) -> dict:
     """Decode every unique MR of `split` (the first `limit` only, if given), write predictions,
-    references and scores.json to `out_dir`, and return the scores (lora_min.metrics.e2e_scores).
+    references and scores.json to `out_dir`, and return what scores.json holds: "scores" as the
+    paper computed them (lora_min.metrics.e2e_scores(..., mteval="python")), "scores_perl" as the
+    E2E challenge's official scorer does (mteval="perl"), and the settings.
 
     data_dir: the folder with the E2E CSVs (see lora_min.data.resolve_e2e_dir; "demo" works).
     greedy: decode greedily instead of with beam search (the beam settings are then unused).
+    text: "paper" (the paper's tokenized text) or "raw-csv", as the model was trained.
     For speed, merge the LoRA update into the weights first (model.merge_lora()).
     """
     groups = group_references(load_split(split, data_dir))[:limit]
@@ -69,26 +78,36 @@ def evaluate_split(
     started = time.perf_counter()
     hypotheses = decode_mrs(model, [mr for mr, _ in groups], beam_size=beam_size, max_new_tokens=max_new_tokens,
                             length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                            batch_size=batch_size, greedy=greedy)
+                            batch_size=batch_size, greedy=greedy, text=text)
     decode_seconds = time.perf_counter() - started
-    references = [[one_line(ref) for ref in refs] for _, refs in groups]
-    scores = e2e_scores(hypotheses, references)
+    references = [[one_line(ref) for ref in references_for_scoring(refs, text, split)] for _, refs in groups]
+    scores = e2e_scores_both(hypotheses, references)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
     atomic_write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
-    summary = {"split": split, "mrs": len(groups), "scores": scores, "paper_gpt2_m_lora": PAPER_GPT2_M_LORA,
-               "decoding": settings, "decode_seconds": round(decode_seconds, 2)}
+    summary = {"split": split, "mrs": len(groups), "text": text,
+               "scores": scores["python"], "scores_perl": scores["perl"], "scoring": SCORING,
+               "paper_gpt2_m_lora": PAPER_GPT2_M_LORA, "decoding": settings,
+               "decode_seconds": round(decode_seconds, 2)}
     atomic_write_text(out / "scores.json", json.dumps(summary, indent=2) + "\n")
-    return scores
+    return summary
+
+
+SCORING = {  # what the two score sets in scores.json are
+    "scores": "as the paper scored (Hu et al., 2021, Table 3; microsoft/LoRA): tuetschek/e2e-metrics "
+              "measure_scores.py references.txt predictions.txt -p (BLEU and NIST from its Python mteval)",
+    "scores_perl": "the E2E challenge's official scorer: measure_scores.py references.txt predictions.txt "
+                   "(BLEU and NIST from mteval-v13a-sig.pl); METEOR, ROUGE_L and CIDEr are the same",
+}
 
 
 def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_tokens: int = 64,
                length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, batch_size: int = 8,
-               greedy: bool = False, progress: TextIO | None = sys.stderr) -> list[str]:
+               greedy: bool = False, progress: TextIO | None = sys.stderr, text: str = "paper") -> list[str]:
     """One generated text per MR, on one line. Shows progress on `progress` (None: quiet)."""
-    prompts = [encode_prompt(mr) for mr in mrs]
+    prompts = [encode_prompt(mr, text) for mr in mrs]
     texts: list[str] = []
     started = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
@@ -140,12 +159,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, type=Path, help="adapter file written by train.py (.safetensors)")
     p.add_argument("--model", help="base model: gpt2, gpt2-medium, ..., demo, or a checkpoint path "
                                    "(default: the base named in the adapter file)")
-    p.add_argument("--split", default="test", choices=["test", "dev"], help="E2E split to decode (default: %(default)s)")
-    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: $LORA_MIN_E2E_DIR, "
-                                      "else data/e2e, downloaded if missing)")
+    p.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="E2E split to decode (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder with the E2E CSVs, or 'demo' (default: the one the adapter was "
+                                      "trained on if train.py was given one, else $LORA_MIN_E2E_DIR, else "
+                                      "data/e2e, downloaded if missing)")
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
                                             "writes its evaluation; replaced if it exists)")
+    p.add_argument("--text", choices=TEXTS, default="paper",
+                   help="the text the adapter was trained on: the paper's tokenized text (default) or "
+                        "raw-csv, the official CSV text as it is")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
     g.add_argument("--beam-size", type=int, default=10, help="beams per MR (default: %(default)s)")
     g.add_argument("--length-penalty", type=float, default=0.9,
@@ -179,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    metadata = read_adapter_metadata(args.adapter)
+    data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
     model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
@@ -186,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or args.adapter.parent / "eval"
     with autocast(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
-            model, args.data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+            model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy)
-    print(format_scores(scores))
-    print("(paper: GPT-2 M with LoRA, Hu et al., 2021, Table 3; BLEU, METEOR, ROUGE-L x100)")
-    note = paper_size_note(model.config, args.model or read_adapter_metadata(args.adapter)["base_model"])
+            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=args.text)
+    print(format_scores(scores["scores"], official=scores["scores_perl"]))
+    print("(BLEU, METEOR, ROUGE-L x100)")
+    note = paper_size_note(model.config, args.model or metadata["base_model"])
     if note:
         print(note)
     print(f"{args.split} split: predictions, references and scores.json in {out}")

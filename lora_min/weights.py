@@ -191,8 +191,9 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load a file of tensors only, refusing what could run code or inflate without bound."""
+def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> object:
+    """torch.load what torch.save wrote, refusing what could run code or inflate without bound;
+    ValueError names the file."""
     # torch.save stores zip entries uncompressed; torch.load would inflate a compressed one
     # (a zip bomb: 2 MB on disk, gigabytes in memory) before any other check could run.
     if zipfile.is_zipfile(path):
@@ -202,13 +203,18 @@ def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     raise ValueError(f"{path}: zip entry {entry.filename!r} is compressed, which torch.save never "
                                      "does; refused (it could inflate to any size)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
+        return torch.load(path, map_location=map_location, weights_only=True)  # no pickled code runs
     except pickle.UnpicklingError as err:  # torch's message is a page; keep the line that says why
         why = next((line for line in str(err).splitlines() if "unsupported" in line.lower()), "not a pickle torch reads")
         raise ValueError(f"{path}: holds something other than tensors, refused by torch.load("
                          f"weights_only=True): {why.strip()}") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch_load a file that must hold a flat dict name -> tensor."""
+    state = torch_load(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
     for key, value in state.items():

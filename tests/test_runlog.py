@@ -30,6 +30,25 @@ def test_truncate_log_drops_the_records_after_the_checkpoint(tmp_path):
         [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "dev_loss": 0.5}])
 
 
+def test_truncate_log_drops_a_half_written_last_line_with_a_warning(tmp_path, capsys):
+    """A kill in the middle of an append leaves a torn last line; resuming must not fail on it."""
+    path = tmp_path / "log.jsonl"
+    for step in range(1, 4):
+        append_log(path, {"step": step, "loss": 1.0})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')
+    truncate_log(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert f"{path}, line 4: dropped a half-written record" in capsys.readouterr().err
+
+
+def test_truncate_log_names_a_damaged_line_before_the_last(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a log record"):
+        truncate_log(path, 3)
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
