@@ -66,10 +66,12 @@ def trainable_cases(method: str) -> list[Case]:
         def verify(out, expected=expected):
             if len(out["returned"]) != len(set(out["returned"])):
                 raise Failure("a parameter is returned twice (the tied wte / lm_head?): return each once")
-            if sorted(out["returned"]) != sorted(expected):
-                wrong = sorted(set(out["returned"]) ^ set(expected))
-                raise Failure(f"returned the wrong parameters: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''} "
-                              f"{'should not be' if wrong[0] in out['returned'] else 'missing'}")
+            extra = [name for name in out["returned"] if name not in expected]
+            missing = [name for name in expected if name not in out["returned"]]
+            if extra or missing:
+                raise Failure("; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                                        for what, names in (("returned but should not train", extra),
+                                                            ("should train but not returned", missing)) if names))
             frozen_wrong = [name for name, flag in out["requires_grad"].items() if flag != (name in expected)]
             if frozen_wrong:
                 raise Failure(f"requires_grad is wrong for {frozen_wrong[0]}"
