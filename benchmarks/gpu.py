@@ -191,14 +191,16 @@ def reference(config: GPTConfig, precision: str, device: torch.device, data):
 
 def measure(build, config: GPTConfig, precision: str, device: torch.device, data, compiled: bool,
             warmup: int, steps: int) -> tuple[float, int]:
-    """(median seconds per optimizer step, peak bytes allocated) over `steps` steps after `warmup`."""
+    """(median seconds per optimizer step, peak bytes allocated: weights, activations, gradients and
+    optimizer state) over `steps` steps after `warmup`."""
     torch.manual_seed(0)
+    before = torch.cuda.memory_allocated(device)  # the batch, and anything earlier runs left
+    torch.cuda.reset_peak_memory_stats(device)
     model, loss = build(config, precision, device, data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     run = torch.compile(model, dynamic=True) if compiled else model  # as train.py --compile: any length
-    torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for i in range(warmup + steps):
         torch.cuda.synchronize(device)
@@ -210,8 +212,9 @@ def measure(build, config: GPTConfig, precision: str, device: torch.device, data
         torch.cuda.synchronize(device)
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device)
-    del model, run, optimizer
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del model, loss, run, optimizer
+    torch._dynamo.reset()  # compiled code keeps the model alive
     torch.cuda.empty_cache()
     return statistics.median(seconds), peak
 

@@ -403,24 +403,20 @@ class GPT(nn.Module):
 
     # --- mixed precision ----------------------------------------------------------------
 
-    @torch.no_grad()
     def cast_frozen_base(self, dtype: torch.dtype) -> None:
-        """Keep every frozen nn.Linear (weight and bias) in `dtype`: bf16 or fp16 for training or
-        decoding under autocast of that dtype. The matmuls see the very same numbers as before.
+        """Keep every frozen nn.Linear (weight and bias) in `dtype`, bf16 or fp16, for training or
+        decoding under autocast to that dtype: the matmuls see the very same numbers.
 
-        Why: autocast runs these matmuls in `dtype` anyway, but it caches its casts only for
-        weights that require grad, so it re-casts each frozen float32 weight at every forward
-        (gpt2-medium: ~2 GB of memory traffic per step) and keeps the copies for backward
-        (24 MiB per layer). Cast once here instead. What trains stays float32, as does its
-        optimizer state: LoRA's A and B, or with full fine-tuning every weight (nothing is frozen,
-        so this does nothing). LayerNorms and the position embedding stay float32, and with them
-        the residual stream; the token embedding is the LM head's weight (tied), so it is looked
-        up in `dtype` too. Merging sums in float32 and rounds once (merge_lora).
+        Autocast caches its casts only for weights that require grad, so it would re-cast each
+        frozen float32 weight at every forward (gpt2-medium: ~2 GB of memory traffic per step)
+        and keep the copies for backward (24 MiB per layer). What trains stays float32, and so
+        does its optimizer state: LoRA's A and B (with full fine-tuning nothing is frozen, and
+        this does nothing). LayerNorms, the position embedding and so the residual stream stay
+        float32; the token embedding, tied to the LM head, is looked up in `dtype`.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
+                module.to(dtype)  # in place: the LM head stays tied to the token embedding
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype attention computes keys and values in: autocast's when it is on (for our

@@ -217,6 +217,7 @@ def tgen_scores(e2e_dir: Path, shared_dir: Path) -> dict:
     return e2e_scores_both(system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir))
 
 
+@pytest.mark.slow
 def test_e2e_scores_equal_the_official_scorer(e2e_dir, shared_dir):
     """All five on TGen's output, both modes (METEOR starts Java once: ~15 s of CPU)."""
     scores = tgen_scores(e2e_dir, shared_dir)

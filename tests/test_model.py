@@ -71,8 +71,9 @@ def test_merged_equals_unmerged_and_unmerge_restores(cfg, batch, length, seed):
         merged = model(idx)
         model.merge_lora()  # merging twice is a no-op, never a double add
         assert torch.equal(model(idx), merged)
-    # float32: the two orders of summation differ by rounding only.
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    # float32: the two orders of summation differ by rounding only, which grows with the update's
+    # size (alpha / r up to 64 here).
+    torch.testing.assert_close(merged, unmerged, atol=1e-5 * max(1.0, lora.scale), rtol=1e-4)
     model.unmerge_lora()
     model.unmerge_lora()  # a no-op too
     for key, value in model.state_dict().items():
