@@ -3,7 +3,7 @@
     python train.py                                  # the paper's GPT-2 (124M) run on E2E
     python train.py --model gpt2-medium              # the paper's Table 3 row (GPT-2 M)
     python train.py --full                           # full fine-tuning, the paper's FT baseline
-    python train.py --demo                           # a 1-minute pipeline check on any CPU
+    python train.py --demo                           # a pipeline check on any CPU, no download
     torchrun --nproc_per_node=4 train.py             # data parallel on 4 GPUs
     python train.py --resume --out runs/e2e-gpt2-lora   # continue an interrupted run exactly
 
@@ -16,13 +16,15 @@ runlog.py (progress line, log.jsonl, loss.png), distributed.py (devices, torchru
 
 Where the time goes: the LM head (768 x 50257) runs only at the positions that carry loss (the
 reference tokens), batches hold examples of similar length, AdamW is the fused kernel, and on
-CUDA it uses bf16 autocast (fp16 with a grad scaler on GPUs without bf16), TF32 and SDPA flash
-attention (and torch.compile with --compile).
+CUDA it uses bf16 autocast (fp16 with a grad scaler on GPUs without bf16) with the frozen base
+kept in bf16, TF32 and SDPA flash attention. On a GPU add --compile: an eager step issues
+thousands of small kernels and waits on their launches (benchmarks/gpu.py measures both).
 
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
 RNG states, data position), log.jsonl (every logged step), loss.png (with matplotlib),
-summary.json, and eval/ (generated text and scores).
+summary.json, eval/ (generated text and scores), and .lock (while a run holds the folder, a
+second run on it is refused).
 """
 from __future__ import annotations
 
@@ -33,31 +35,38 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lora_min.checkpoint import StopSignal, load_checkpoint, save_checkpoint, start_fresh, weights_path
-from lora_min.data import (E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches, load_split, loss_tokens,
-                           make_examples, masked_lm_loss, micro_batches, num_batches, resolve_e2e_dir)
-from lora_min.distributed import (Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes,
-                                  pick_device, resolve_precision)
+from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save_checkpoint, start_fresh,
+                                 weights_path)
+from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
+                           load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
+                           resolve_e2e_dir)
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
+from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
+from lora_min.demo import DEMO, load_base
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
-from lora_min.flags import ConfigError, HelpFormatter, adopt_run_config, check_out_dir, given_flags, validate_args
+from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
+                           validate_args)
 from lora_min.metrics import format_scores
-from lora_min.model import GPT, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
+from lora_min.model import GPT, LORA_TARGETS, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
 from lora_min.weights import HUB_NAMES, resolve_checkpoint
 
-# The demo's model: GPT-2's tokenizer, vocabulary and layout, but 4 thin layers with random weights.
-DEMO_CONFIG = GPTConfig(n_layer=4, n_head=4, n_embd=128)
-# What --demo changes unless the flag is given: a short run with a larger learning rate, so the
-# loss visibly falls within a few dozen steps, and a small slice of dev and test.
-DEMO_DEFAULTS = dict(data_dir="demo", out="runs/demo", max_steps=60, warmup_steps=6, lr=1e-2,
-                     log_every=5, dev_every=30, save_every=30, dev_limit=100, eval_limit=40)
+# How long the other processes of a torchrun job wait while rank 0 downloads the weights:
+# gpt2-xl is 6.4 GB, two hours at 1 MB/s.
+DOWNLOAD_TIMEOUT = timedelta(hours=2)
+# What --demo changes unless the flag is given: the demo's random base (lora_min/demo.py), a short
+# run with a larger learning rate, so the loss visibly falls within a few dozen steps, and a small
+# slice of dev and test (decoding 20 MRs takes less time than the training).
+DEMO_DEFAULTS = dict(model=DEMO, data_dir="demo", out="runs/demo", max_steps=60, warmup_steps=6, lr=1e-2,
+                     log_every=5, dev_every=30, save_every=30, dev_limit=100, eval_limit=20)
 DEMO_BANNER = """\
 ==============================================================================
  DEMO: a pipeline check with a small, RANDOMLY INITIALISED GPT-2-shaped model.
@@ -82,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="folder with the E2E CSVs (trainset.csv, devset.csv, testset_w_refs.csv); 'demo' is "
                         "the small set in data/demo. Default: $LORA_MIN_E2E_DIR, else data/e2e (downloaded)")
+    g.add_argument("--text", default="paper", choices=TEXTS,
+                   help="paper: the text the paper trained and scored on (microsoft/LoRA's data/e2e/*.txt, "
+                        "rebuilt from the CSVs: 'Blue Spice . It 's £ 20 - 25'); raw-csv: the CSV text as it is")
     g.add_argument("--out", default=None,
                    help="output folder for checkpoints, logs and scores (default: runs/e2e-<model>-lora or -full)")
     g.add_argument("--demo", action="store_true",
                    help="pipeline check: a small random GPT-2-shaped model, the demo data, 60 steps, then "
-                        "decoding and scoring; under 2 minutes on 2 CPU cores, no download")
+                        "decoding and scoring; no download, about 40 s of CPU time (README: measured times)")
     g = p.add_argument_group("LoRA (paper Table 11)")
     g.add_argument("--full", action="store_true",
                    help="train all weights instead of LoRA (the paper's FT baseline); no --lora-* flags then")
@@ -116,14 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     # microsoft/LoRA's E2E script: --random_seed 110
     g.add_argument("--seed", type=int, default=110, help="seed of initialisation, data order and dropout")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA GPUs that support it, fp16 with a grad scaler on older "
                         "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
                         "bfloat16 instructions gain from them)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: for CUDA; slow to start, and on the CPU no faster (see README)")
+                   help="torch.compile the model: the way to run on a GPU, where an eager step is launch-bound "
+                        "(thousands of small kernels); a minute or two to compile, and on the CPU no faster")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% more compute")
     g = p.add_argument_group("logging and checkpoints")
@@ -171,9 +184,7 @@ def build_model(args: argparse.Namespace) -> GPT:
     """The base model with LoRA on --lora-targets (or without LoRA, all weights trainable, for --full)."""
     lora = None if args.full else LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                              targets=tuple(args.lora_targets.split(",")))
-    if args.demo:
-        return GPT(DEMO_CONFIG, lora)  # random weights: a pipeline check, not a language model
-    return GPT.from_pretrained(args.model, lora=lora)
+    return load_base(args.model, lora)  # --demo: random weights, a pipeline check, not a language model
 
 
 def make_optimizer(model: GPT, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
@@ -263,13 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out_dir(args)
             adopt_run_config(args, explicit)
         validate_args(args, explicit, dist.world_size)
-        device = pick_device(args.device, dist.local_rank)
-        precision = resolve_precision(args.precision, device)
-        train_examples, dev_examples, model = prepare(args, dist, say)
-        return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
+        with lock_out_dir(args.out) if dist.is_main else nullcontext():
+            check_out_dir(args)  # again, holding --out: another run may have started in it meanwhile
+            device = pick_device(args.device, dist.local_rank)
+            # run.json records what auto became, so that a resumed run computes in the same precision.
+            args.precision = precision = pick_precision(args.precision, device)
+            train_examples, dev_examples, model = prepare(args, dist, say)
+            if not args.no_eval:
+                check_decoding_fits(args, model.config, device)
+            return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
     except ConfigError as err:
         say(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing a checkpoint, log or result failed: a full disk, a lost mount
+        resume = (f"then `python train.py --resume --out {args.out}` continues from the last checkpoint"
+                  if (Path(args.out) / "resume.pt").is_file() else "then run again")
+        say(f"train.py: error: {err.filename or args.out}: {err.strerror or err}; {resume}", file=sys.stderr)
+        return 1
     finally:
         leave(dist)
 
@@ -278,7 +299,7 @@ def load_examples(args: argparse.Namespace, split: str, dist: Dist) -> list[Exam
     if dist.is_main:  # only rank 0 downloads (when the default folder is empty); the others wait
         ensure_e2e(args.data_dir)
     barrier(dist)
-    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len)
+    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len, args.text)
     if n_truncated and dist.is_main:
         print(f"note: {n_truncated} {split} examples are longer than --max-len {args.max_len} and were cut")
     return examples
@@ -289,6 +310,8 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
     the user's to fix: a ConfigError naming the file, before training."""
     if args.demo:
         say(DEMO_BANNER.format(data=resolve_e2e_dir(args.data_dir)))
+        if not args.resume and (Path(args.out) / "run.json").is_file():
+            say(f"note: replacing the earlier demo run in {args.out} (give --out to keep both)")
     try:  # data first: it is quick, and a bad file fails before a model is downloaded
         train_examples = load_examples(args, "train", dist)
         dev_examples = load_examples(args, "dev", dist)[:args.dev_limit or None]
@@ -301,7 +324,7 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
         try:
             if dist.is_main:  # rank 0 downloads the weights (if needed), the others wait
                 resolve_checkpoint(args.model)
-            barrier(dist)
+            barrier(dist, timeout=DOWNLOAD_TIMEOUT)
             model = build_model(args)
         except (OSError, ValueError, KeyError) as err:  # an unreadable or mismatched checkpoint
             raise ConfigError(err.args[0] if isinstance(err, KeyError) else str(err)) from None
@@ -317,9 +340,10 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else nullcontext())
+    autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
+    if precision in HALF_DTYPES:  # what LoRA freezes is kept in bf16/fp16; A, B and AdamW's state stay float32
+        model.cast_frozen_base(HALF_DTYPES[precision])
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = make_optimizer(model, args, device)
@@ -334,7 +358,10 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if args.resume:
         step, position = load_checkpoint(model, optimizer, scaler, args, dist, device)
         if dist.is_main:
-            truncate_log(log_path, step)
+            try:
+                truncate_log(log_path, step)
+            except ValueError as err:  # a damaged line before the last
+                raise ConfigError(str(err)) from None
         say(f"resumed {out} at step {step} (epoch {position.epoch + 1}, batch {position.batch})")
     else:
         torch.manual_seed(args.seed + dist.rank)  # dropout: a different stream in every process
@@ -342,11 +369,14 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
             start_fresh(args)
 
     n_trainable, n_params = count_trainable(model), sum(p.numel() for p in model.parameters())
-    say(f"model: {'demo (random) ' + str(DEMO_CONFIG) if args.demo else args.model}, "
+    epochs = math.ceil(total_steps / steps_per_epoch)  # the epochs this run starts (--max-steps may cut them)
+    c = model.config
+    say(f"model: {args.model}{f' (random weights, {c.n_layer} layers, {c.n_embd} wide)' if args.demo else ''}, "
         f"{'full fine-tuning' if args.full else 'LoRA on ' + args.lora_targets + f', r={args.lora_r}'}, "
         f"{n_trainable:,} of {n_params:,} parameters trainable ({100 * n_trainable / n_params:.2f}%)")
-    say(f"data: {len(train_examples):,} training examples, {steps_per_epoch:,} steps per epoch, "
-        f"{total_steps:,} steps; device {device}, {precision}, {dist.world_size} process(es)")
+    say(f"data: {len(train_examples):,} training examples, {steps_per_epoch:,} steps per epoch; this run: "
+        f"{total_steps:,} steps ({total_steps / steps_per_epoch:.3g} epochs); device {device}, {precision}, "
+        f"{dist.world_size} process(es)")
 
     train_model: torch.nn.Module = model
     if args.compile:
@@ -386,7 +416,7 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
             if step % args.log_every == 0 or step == total_steps:
                 record = dict(step=step, epoch=position.epoch + 1, loss=loss, lr=lr,
                               tokens_per_s=progress.take_tokens_per_s(), elapsed_s=time.time() - started)
-                say(progress.line(record, args.epochs), flush=True)
+                say(progress.line(record, epochs), flush=True)
                 if dist.is_main:
                     append_log(log_path, record)
             if (args.dev_every and step % args.dev_every == 0) or step == total_steps:
@@ -429,6 +459,10 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
     print(f"peak memory: {format_bytes(peak) if peak else 'unknown'} "
           f"({'CUDA tensors' if device.type == 'cuda' else 'process resident set'})")
     print(f"loss curve: {out / 'loss.png' if plotted else 'not drawn (pip install matplotlib)'}")
+    if args.demo:
+        print(f"(the loss starts near ln {model.config.vocab_size} = {math.log(model.config.vocab_size):.1f}, "
+              "a uniform guess over GPT-2's tokens; a few dozen LoRA steps on random weights lower it only a "
+              "little: the demo checks that the pipeline runs, not that it learns)")
     if not args.no_eval:
         try:
             summary["eval"] = run_evaluation(model, args, autocast)
@@ -438,11 +472,17 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
     summary["wall_seconds"] = time.time() - started
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"summary: {out / 'summary.json'} (wall time {format_duration(summary['wall_seconds'])})")
+    if args.demo:
+        print(f"\nnext, with this adapter (offline, on the demo base and data it names):\n"
+              f"  python -m lora_min.evaluate --adapter {weights}          # decode and score again\n"
+              f"  python -m lora_min.adapters export-merged {weights} {out / 'merged'}   # a Hugging Face checkpoint\n"
+              f"then the paper's experiment (downloads GPT-2 and the E2E data): python train.py")
     return 0
 
 
 def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
-    """Decode --eval-split with beam search and score it with the five E2E metrics."""
+    """Decode --eval-split with beam search and score it with the five E2E metrics, as the paper's
+    scorer (measure_scores.py -p) and as the E2E challenge's (Perl mteval) computes them."""
     model.eval()
     model.merge_lora()  # fold B A into the weights: decoding costs what the base model costs (Section 4.1)
     print(f"decoding {args.eval_split} with beam size {args.beam_size}" +
@@ -452,9 +492,9 @@ def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
                                 out_dir=Path(args.out) / "eval", beam_size=args.beam_size,
                                 max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.eval_batch_size,
-                                limit=args.eval_limit or None)
+                                limit=args.eval_limit or None, text=args.text)
     print(f"scores on {args.eval_split} (generated text and scores.json in {Path(args.out) / 'eval'}):")
-    print(format_scores(scores))
+    print(format_scores(scores["scores"], official=scores["scores_perl"]))
     if args.demo:
         print("(a random model: these scores only show that the pipeline runs)")
     return scores

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from lora_min.decode import EOS_IDS, greedy
+from lora_min.demo import DEMO, DEMO_CONFIG, load_base
 from lora_min.hf_interop import export_merged, export_peft, import_peft, read_peft_config
 from lora_min.model import (
     GPT,
@@ -114,7 +115,7 @@ def save_adapter(model: GPT, path: str | Path, *, base_model: str = "gpt2",
                  extra_metadata: dict[str, str] | None = None) -> None:
     """Save the model's (active) LoRA tensors and what they fit to `path`, atomically.
 
-    base_model: what GPT.from_pretrained should load to use this adapter ('gpt2', or a path).
+    base_model: what lora_min.demo.load_base should load to use this adapter ('gpt2', 'demo' or a path).
     extra_metadata: more strings to keep in the file (training step, loss, ...).
     """
     if model.lora_config is None:
@@ -172,9 +173,9 @@ def _architecture_from_metadata(metadata: dict[str, str], source: str) -> dict:
 
 
 def model_from_adapter(path: str | Path, base: str | Path | None = None) -> GPT:
-    """The base model the adapter names (or `base`), with the adapter loaded."""
+    """The base model the adapter names (or `base`: a GPT-2 name, 'demo' or a path), with the adapter loaded."""
     metadata = read_adapter_metadata(path)
-    model = GPT.from_pretrained(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
+    model = load_base(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
     load_adapter(model, path)
     return model
 
@@ -251,10 +252,6 @@ class Adapter:
     layers: nn.ModuleList  # layers[i] is bound to model.h[i].attn.lora while this adapter is active
 
 
-def resident_adapters(model: GPT) -> dict[str, Adapter]:
-    return model.__dict__.setdefault("resident_adapters", {})
-
-
 def new_lora_modules(model: GPT, tensors: dict[str, torch.Tensor], config: LoRAConfig) -> nn.ModuleList:
     """One ModuleDict of LoRA modules per layer, holding copies of `tensors`."""
     n_embd, device, dtype = model.config.n_embd, model.wte.weight.device, model.wte.weight.dtype
@@ -276,7 +273,7 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
     """Make an adapter resident under `name`: from an adapter file, or from LoRA tensors
     (lora_state_dict keys) with their `config` (default: the model's LoRAConfig).
     It follows the model's device and dtype; set_adapter activates it."""
-    if name in resident_adapters(model):
+    if name in model.resident_adapters:
         raise ValueError(f"an adapter named {name!r} is already resident; remove_adapter it first")
     if isinstance(source, dict):
         tensors, config, where = source, config or model.lora_config, f"adapter {name!r}"
@@ -287,25 +284,25 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
         config, where = lora_config_from_metadata(metadata), str(source)
         check_base(model, metadata, where)
     check_tensors(tensors, model.config, config, where)
-    resident_adapters(model)[name] = Adapter(config, new_lora_modules(model, tensors, config))
+    model.resident_adapters[name] = Adapter(config, new_lora_modules(model, tensors, config))
 
 
 def remove_adapter(model: GPT, name: str) -> None:
-    if model.__dict__.get("active_adapter") == name:
+    if model.active_adapter == name:
         raise ValueError(f"adapter {name!r} is active; set_adapter another one first")
-    del resident_adapters(model)[_known(model, name)]
+    del model.resident_adapters[_known(model, name)]
 
 
 def _known(model: GPT, name: str) -> str:
-    if name not in resident_adapters(model):
-        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(resident_adapters(model))}")
+    if name not in model.resident_adapters:
+        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(model.resident_adapters)}")
     return name
 
 
 def _resident_like_model(model: GPT, name: str) -> Adapter:
     """Resident adapter `name`, on the model's device and dtype and in its train/eval mode:
     model.to(...) and model.eval() reached only the adapter that was active at the time."""
-    adapter = resident_adapters(model)[_known(model, name)]
+    adapter = model.resident_adapters[_known(model, name)]
     weight, first = model.wte.weight, adapter.layers[0][adapter.config.targets[0]]
     if (first.A.device, first.A.dtype) != (weight.device, weight.dtype):
         adapter.layers.to(weight.device, weight.dtype)
@@ -459,7 +456,7 @@ def greedy_mixed(model: GPT, prompts: Sequence[Sequence[int]], names: Sequence[s
 def _base_config(name_or_path: str) -> GPTConfig:
     if name_or_path in GPT2_SIZES:
         return GPTConfig.from_name(name_or_path)
-    return GPT.from_pretrained(name_or_path).config
+    return DEMO_CONFIG if name_or_path == DEMO else GPT.from_pretrained(name_or_path).config
 
 
 def info(path: str | Path) -> str:
@@ -484,11 +481,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = commands.add_parser("import-peft", help="PEFT adapter folder -> adapter file")
     p.add_argument("peft_dir", help="folder with a PEFT adapter's adapter_config.json and adapter_model.safetensors")
     p.add_argument("out_file", help="adapter file to write (.safetensors)")
-    p.add_argument("--base", help="base model name or path (default: adapter_config.json's)")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: adapter_config.json's)")
     p = commands.add_parser("export-merged", help="adapter file + base -> Hugging Face GPT-2 checkpoint folder")
     p.add_argument("adapter", help=adapter_help)
     p.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
-    p.add_argument("--base", help="base model name or path (default: the one the adapter names)")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: the one the adapter names)")
     args = parser.parse_args(argv)
 
     if args.command == "info":

@@ -34,12 +34,13 @@ import itertools
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from lora_min.fileio import atomic_write_text
 
 TUTORIALS = Path(__file__).resolve().parent
 FENCE = re.compile(r"^```\s*(\w*)\s*$")
@@ -209,7 +210,7 @@ def run_chapter(path: str | Path, update: bool = False, check: bool = True,
         if "matplotlib.pyplot" in sys.modules:  # the chapter's figures are saved; free them
             sys.modules["matplotlib.pyplot"].close("all")
     if update and result.error is None and (result.mismatches or fresh_output):
-        write_atomically(path, updated_text(lines, code_blocks, result.mismatches + fresh_output))
+        atomic_write_text(path, updated_text(lines, code_blocks, result.mismatches + fresh_output))
         result.mismatches += fresh_output
     if not check:
         result.mismatches = []
@@ -236,16 +237,6 @@ def updated_text(lines: list[str], code_blocks: list[Block], mismatches: list[Mi
             i = block.end + 1
     out += lines[i:]
     return "".join(out)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def resolve_chapter(name: str | Path) -> Path:

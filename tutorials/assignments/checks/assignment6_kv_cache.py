@@ -54,12 +54,12 @@ def attention_cases(name: str, all_positions: bool, what: str, n: int = 16, q_sc
         B, H, D, seed = random.randint(1, 2), random.randint(1, 3), random.choice([1, 4, 8]), random.randrange(2**31)
         q, k, v = randn(seed, B, H, T, D) * q_scale, randn(seed + 1, B, H, S, D), randn(seed + 2, B, H, S, D)
 
-        def verify(got, q=q, k=k, v=v):
+        def verify(got, q=q, k=k, v=v, T=T, S=S):
             if tensor(got, "attention").shape == q.shape and not torch.isfinite(got).all():
                 raise Failure("attention is not finite for large scores: subtract the row max (softmax does)")
             close(got, reference(q, k, v), what.format(T=T, S=S), atol=atol)
         cases.append(Case(label(B=B, H=H, T=T, S=S, D=D, seed=seed), probe_attention, dict(q=q, k=k, v=v), verify))
-    return cases
+    return sorted(cases, key=lambda case: case.inputs["k"].numel())  # the smallest failing case is shown
 
 
 def full_cases() -> list[Case]:
@@ -102,7 +102,7 @@ def incremental_cases() -> list[Case]:
         cases.append(Case(label(chunks=chunks, H=H, seed=seed), probe_incremental, dict(q=q, k=k, v=v, chunks=chunks),
                           lambda got, expected=expected, chunks=chunks: close(
                               got, expected, f"cached attention fed in chunks {chunks}", atol=1e-5)))
-    return cases
+    return sorted(cases, key=lambda case: case.inputs["q"].numel())
 
 
 CHECKS = [
