@@ -511,3 +511,13 @@ def test_cli_help_explains_every_argument(command, capsys):
     for i, line in enumerate(positionals):
         if line.split()[0] in names:
             assert len(line.split()) > 1 or positionals[i + 1].startswith("   "), line
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "not-an-adapter.safetensors").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        adapters.main(["export-merged", str(tmp_path / "not-an-adapter.safetensors"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m lora_min.adapters export-merged: error: {tmp_path / 'not-an-adapter.safetensors'}")
+    assert not (tmp_path / "out").exists()
