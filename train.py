@@ -22,7 +22,8 @@ attention (and torch.compile with --compile).
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
 RNG states, data position), log.jsonl (every logged step), loss.png (with matplotlib),
-summary.json, and eval/ (generated text and scores).
+summary.json, eval/ (generated text and scores), and .lock (while a run holds the folder, a
+second run on it is refused).
 """
 from __future__ import annotations
 
@@ -39,15 +40,19 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lora_min.checkpoint import StopSignal, load_checkpoint, save_checkpoint, start_fresh, weights_path
-from lora_min.data import (E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches, load_split, loss_tokens,
-                           make_examples, masked_lm_loss, micro_batches, num_batches, resolve_e2e_dir)
-from lora_min.distributed import (Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes,
-                                  pick_device, resolve_precision)
+from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save_checkpoint, start_fresh,
+                                 weights_path)
+from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
+                           load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
+                           resolve_e2e_dir)
+from lora_min.device import autocast as autocast_for
+from lora_min.device import DEVICES, PRECISIONS, pick_device, pick_precision
+from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
 from lora_min.demo import DEMO, load_base
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
-from lora_min.flags import ConfigError, HelpFormatter, adopt_run_config, check_out_dir, given_flags, validate_args
+from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
+                           validate_args)
 from lora_min.metrics import format_scores
 from lora_min.model import GPT, LORA_TARGETS, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="folder with the E2E CSVs (trainset.csv, devset.csv, testset_w_refs.csv); 'demo' is "
                         "the small set in data/demo. Default: $LORA_MIN_E2E_DIR, else data/e2e (downloaded)")
+    g.add_argument("--text", default="paper", choices=TEXTS,
+                   help="paper: the text the paper trained and scored on (microsoft/LoRA's data/e2e/*.txt, "
+                        "rebuilt from the CSVs: 'Blue Spice . It 's £ 20 - 25'); raw-csv: the CSV text as it is")
     g.add_argument("--out", default=None,
                    help="output folder for checkpoints, logs and scores (default: runs/e2e-<model>-lora or -full)")
     g.add_argument("--demo", action="store_true",
@@ -116,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     # microsoft/LoRA's E2E script: --random_seed 110
     g.add_argument("--seed", type=int, default=110, help="seed of initialisation, data order and dropout")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA GPUs that support it, fp16 with a grad scaler on older "
                         "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
                         "bfloat16 instructions gain from them)")
@@ -261,13 +269,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out_dir(args)
             adopt_run_config(args, explicit)
         validate_args(args, explicit, dist.world_size)
-        device = pick_device(args.device, dist.local_rank)
-        precision = resolve_precision(args.precision, device)
-        train_examples, dev_examples, model = prepare(args, dist, say)
-        return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
+        with lock_out_dir(args.out) if dist.is_main else nullcontext():
+            check_out_dir(args)  # again, holding --out: another run may have started in it meanwhile
+            try:
+                device = pick_device(args.device, dist.local_rank)
+                # run.json records what auto became, so that a resumed run computes in the same precision.
+                args.precision = precision = pick_precision(args.precision, device)
+            except ValueError as err:  # the device or precision asked for is not there
+                raise ConfigError(str(err)) from None
+            train_examples, dev_examples, model = prepare(args, dist, say)
+            if not args.no_eval:
+                check_decoding_fits(args, model.config, device)
+            return run_training(args, dist, say, started, model, device, precision, train_examples, dev_examples)
     except ConfigError as err:
         say(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing a checkpoint, log or result failed: a full disk, a lost mount
+        resume = (f"then `python train.py --resume --out {args.out}` continues from the last checkpoint"
+                  if (Path(args.out) / "resume.pt").is_file() else "then run again")
+        say(f"train.py: error: {err.filename or args.out}: {err.strerror or err}; {resume}", file=sys.stderr)
+        return 1
     finally:
         leave(dist)
 
@@ -276,7 +297,7 @@ def load_examples(args: argparse.Namespace, split: str, dist: Dist) -> list[Exam
     if dist.is_main:  # only rank 0 downloads (when the default folder is empty); the others wait
         ensure_e2e(args.data_dir)
     barrier(dist)
-    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len)
+    examples, n_truncated = make_examples(load_split(split, args.data_dir, download=False), args.max_len, args.text)
     if n_truncated and dist.is_main:
         print(f"note: {n_truncated} {split} examples are longer than --max-len {args.max_len} and were cut")
     return examples
@@ -317,8 +338,7 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else nullcontext())
+    autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
@@ -334,7 +354,10 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
     if args.resume:
         step, position = load_checkpoint(model, optimizer, scaler, args, dist, device)
         if dist.is_main:
-            truncate_log(log_path, step)
+            try:
+                truncate_log(log_path, step)
+            except ValueError as err:  # a damaged line before the last
+                raise ConfigError(str(err)) from None
         say(f"resumed {out} at step {step} (epoch {position.epoch + 1}, batch {position.batch})")
     else:
         torch.manual_seed(args.seed + dist.rank)  # dropout: a different stream in every process
@@ -454,7 +477,8 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
 
 
 def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
-    """Decode --eval-split with beam search and score it with the five E2E metrics."""
+    """Decode --eval-split with beam search and score it with the five E2E metrics, as the paper's
+    scorer (measure_scores.py -p) and as the E2E challenge's (Perl mteval) computes them."""
     model.eval()
     model.merge_lora()  # fold B A into the weights: decoding costs what the base model costs (Section 4.1)
     print(f"decoding {args.eval_split} with beam size {args.beam_size}" +
@@ -464,9 +488,9 @@ def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
                                 out_dir=Path(args.out) / "eval", beam_size=args.beam_size,
                                 max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                                 no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.eval_batch_size,
-                                limit=args.eval_limit or None)
+                                limit=args.eval_limit or None, text=args.text)
     print(f"scores on {args.eval_split} (generated text and scores.json in {Path(args.out) / 'eval'}):")
-    print(format_scores(scores))
+    print(format_scores(scores["scores"], official=scores["scores_perl"]))
     if args.demo:
         print("(a random model: these scores only show that the pipeline runs)")
     return scores

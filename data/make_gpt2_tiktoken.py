@@ -29,6 +29,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_min.download import download_file  # noqa: E402
+from lora_min.fileio import atomic_write_bytes  # noqa: E402
 from lora_min.tokenizer import GPT2_TIKTOKEN, GPT2_TIKTOKEN_SHA256  # noqa: E402
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -68,9 +69,7 @@ def main(argv: list[str]) -> None:
             for name, sha256 in SOURCE_SHA256.items():
                 download_file(BASE_URL + name, folder / name, sha256=sha256)
         text = tiktoken_lines(find_source(folder, "vocab.bpe"), find_source(folder, "encoder.json"))
-    part = args.out.with_name(args.out.name + ".part")
-    part.write_bytes(text)
-    os.replace(part, args.out)  # atomic: a reader never sees half a file
+    atomic_write_bytes(args.out, lambda f: f.write(text))  # a reader never sees half a file
     sha256 = hashlib.sha256(text).hexdigest()
     print(f"wrote {args.out} ({len(text):,} bytes, sha256 {sha256})")
     if sha256 != GPT2_TIKTOKEN_SHA256:

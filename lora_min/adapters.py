@@ -252,10 +252,6 @@ class Adapter:
     layers: nn.ModuleList  # layers[i] is bound to model.h[i].attn.lora while this adapter is active
 
 
-def resident_adapters(model: GPT) -> dict[str, Adapter]:
-    return model.__dict__.setdefault("resident_adapters", {})
-
-
 def new_lora_modules(model: GPT, tensors: dict[str, torch.Tensor], config: LoRAConfig) -> nn.ModuleList:
     """One ModuleDict of LoRA modules per layer, holding copies of `tensors`."""
     n_embd, device, dtype = model.config.n_embd, model.wte.weight.device, model.wte.weight.dtype
@@ -277,7 +273,7 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
     """Make an adapter resident under `name`: from an adapter file, or from LoRA tensors
     (lora_state_dict keys) with their `config` (default: the model's LoRAConfig).
     It follows the model's device and dtype; set_adapter activates it."""
-    if name in resident_adapters(model):
+    if name in model.resident_adapters:
         raise ValueError(f"an adapter named {name!r} is already resident; remove_adapter it first")
     if isinstance(source, dict):
         tensors, config, where = source, config or model.lora_config, f"adapter {name!r}"
@@ -288,25 +284,25 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
         config, where = lora_config_from_metadata(metadata), str(source)
         check_base(model, metadata, where)
     check_tensors(tensors, model.config, config, where)
-    resident_adapters(model)[name] = Adapter(config, new_lora_modules(model, tensors, config))
+    model.resident_adapters[name] = Adapter(config, new_lora_modules(model, tensors, config))
 
 
 def remove_adapter(model: GPT, name: str) -> None:
-    if model.__dict__.get("active_adapter") == name:
+    if model.active_adapter == name:
         raise ValueError(f"adapter {name!r} is active; set_adapter another one first")
-    del resident_adapters(model)[_known(model, name)]
+    del model.resident_adapters[_known(model, name)]
 
 
 def _known(model: GPT, name: str) -> str:
-    if name not in resident_adapters(model):
-        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(resident_adapters(model))}")
+    if name not in model.resident_adapters:
+        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(model.resident_adapters)}")
     return name
 
 
 def _resident_like_model(model: GPT, name: str) -> Adapter:
     """Resident adapter `name`, on the model's device and dtype and in its train/eval mode:
     model.to(...) and model.eval() reached only the adapter that was active at the time."""
-    adapter = resident_adapters(model)[_known(model, name)]
+    adapter = model.resident_adapters[_known(model, name)]
     weight, first = model.wte.weight, adapter.layers[0][adapter.config.targets[0]]
     if (first.A.device, first.A.dtype) != (weight.device, weight.dtype):
         adapter.layers.to(weight.device, weight.dtype)

@@ -9,9 +9,13 @@ RNG state. Both are written atomically; a SIGINT/SIGTERM makes the loop save and
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -19,13 +23,16 @@ import torch.distributed as torch_dist
 from lora_min.adapters import save_adapter
 from lora_min.data import Position
 from lora_min.distributed import Dist, barrier
-from lora_min.fileio import atomic_write_bytes, atomic_write_text
+from lora_min.fileio import atomic_write_bytes, atomic_write_text, folder_for
+from lora_min.flags import ConfigError
 from lora_min.hf_interop import export_merged
 from lora_min.model import GPT
+from lora_min.weights import torch_load
 
 # Everything a run writes into --out (eval/ aside); a fresh run removes what an earlier one left.
 RUN_FILES = ("run.json", "resume.pt", "adapter.safetensors", "model.safetensors", "config.json",
              "log.jsonl", "loss.png", "summary.json")
+RESUME_KEYS = ("step", "epoch", "batch", "trainable", "optimizer", "scaler", "rng", "world_size")
 
 
 def start_fresh(args: argparse.Namespace) -> None:
@@ -97,11 +104,24 @@ def save_checkpoint(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.
 
 def load_checkpoint(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     args: argparse.Namespace, dist: Dist, device: torch.device) -> tuple[int, Position]:
-    """Restore weights, optimizer, grad scaler and RNG from resume.pt; returns (step, data position)."""
-    state = torch.load(Path(args.out) / "resume.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state["trainable"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    """Restore weights, optimizer, grad scaler and RNG from resume.pt; returns (step, data position).
+    A file that does not fit this run exactly (another run's, or damaged) is refused, naming it."""
+    path = Path(args.out) / "resume.pt"
+    try:
+        state = torch_load(path, map_location=device)
+    except ValueError as err:
+        raise ConfigError(f"{err}; start afresh with --overwrite") from None
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f"{path}: lacks {', '.join(missing)}; start afresh with --overwrite")
+    check_trainable(model, state["trainable"], path)
+    model.load_state_dict(state["trainable"], strict=False)  # exactly the trainable tensors, checked above
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: its optimizer or grad-scaler state does not fit this run: "
+                          f"{str(err).splitlines()[0]}") from None
     if state["world_size"] == dist.world_size:
         set_rng_state({k: v.cpu() for k, v in state["rng"][dist.rank].items()}, device)
     else:
@@ -111,6 +131,53 @@ def load_checkpoint(model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.
                   f"{dist.world_size}; dropout draws new random numbers, so the run continues, but not "
                   "bitwise as it would have")
     return state["step"], Position(state["epoch"], state["batch"])
+
+
+def check_trainable(model: GPT, saved: object, path: Path) -> None:
+    """resume.pt must hold every tensor this run trains, with its shape and dtype, and nothing else."""
+    ours = trainable_state(model)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: 'trainable' is not a dict of tensors")
+    for name in sorted(ours.keys() | saved.keys()):
+        if name not in saved:
+            problem = f"has no tensor {name!r}, which this run trains"
+        elif name not in ours:
+            problem = f"holds {name!r}, which this run does not train"
+        elif not isinstance(saved[name], torch.Tensor):
+            problem = f"{name!r} is a {type(saved[name]).__name__}, not a tensor"
+        elif (saved[name].shape, saved[name].dtype) != (ours[name].shape, ours[name].dtype):
+            problem = (f"{name!r} is {tuple(saved[name].shape)} {saved[name].dtype} there, but "
+                       f"{tuple(ours[name].shape)} {ours[name].dtype} in this run")
+        else:
+            continue
+        raise ConfigError(f"{path}: {problem}; it does not belong to the run in {path.parent / 'run.json'}")
+
+
+@contextmanager
+def lock_out_dir(out: str | Path) -> Iterator[None]:
+    """Hold --out for the run: a second run started on the same folder is refused, naming the first
+    one's process, instead of both writing its files. The kernel drops the lock when the process
+    ends, however it ends (flock on a file inside --out; the file keeps the holder's pid)."""
+    out = Path(out)
+    path = out / ".lock"
+    with folder_for(out):  # a run that fails before writing anything leaves no empty folder behind
+        try:
+            with open(path, "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise ConfigError(f"--out {out} is in use by another run (process {holder}); wait for it to "
+                                      "end, or choose another --out") from None
+                f.truncate(0)
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                yield
+        except BaseException:
+            if [p.name for p in out.iterdir()] == [".lock"]:  # the run failed before writing anything
+                path.unlink()
+            raise
 
 
 class StopSignal:

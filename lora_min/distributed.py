@@ -1,4 +1,4 @@
-"""Devices, mixed precision and torchrun processes for train.py.
+"""torchrun processes for train.py (where to compute and in what precision: lora_min/device.py).
 
 Without torchrun there is one process (rank 0 of 1) and every helper here is a no-op. Under
 torchrun, each process joins the job (nccl between GPUs, gloo between CPU processes) and
@@ -13,31 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from lora_min.flags import ConfigError
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """--device: auto picks cuda, then mps, then cpu; a device that is not there is a ConfigError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: Apple's MPS backend is not available; use --device cpu (or auto)")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """--precision: auto is bf16 on CUDA GPUs that have it, fp16 on older ones, else fp32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision in ("bf16", "fp16") and device.type == "mps":
-        raise ConfigError(f"--precision {precision}: mixed precision runs on CUDA or the CPU, not on MPS; use fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16: this GPU has no bfloat16; use fp16 (or auto)")
-    return precision
+from lora_min.device import pick_device
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Checking train.py's flags before any work is spent, and adopting a resumed run's flags.
+"""Checking train.py's flags before any work is spent, and adopting a resumed run's flags
+(the decoding flags' check serves lora_min.evaluate too).
 
 Every check names the flag at fault in a one-line ConfigError; train.py prints it and exits 2.
 """
@@ -11,15 +12,20 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from lora_min.data import SPLIT_FILES, resolve_e2e_dir
-from lora_min.model import LORA_TARGETS
+import torch
+
+from lora_min.data import SPLIT_FILES, E2EFormatError, encode_prompt, group_references, load_split, resolve_e2e_dir
+from lora_min.decode import check_settings
+from lora_min.model import LORA_TARGETS, GPTConfig
+from lora_min.runlog import format_bytes
 from lora_min.weights import HUB_NAMES
 
 # Flags that decide what the model learns. Resuming adopts them from the run's run.json;
 # giving one with a different value is refused.
-RUN_FLAGS = ("demo", "model", "data_dir", "full", "lora_targets", "lora_r", "lora_alpha", "lora_dropout",
+# (--grad-accum and --precision change float rounding: the resumed run would not be bitwise the same.)
+RUN_FLAGS = ("demo", "model", "data_dir", "text", "full", "lora_targets", "lora_r", "lora_alpha", "lora_dropout",
              "lr", "weight_decay", "beta1", "beta2", "adam_eps", "warmup_steps", "epochs", "max_steps",
-             "batch_size", "label_smoothing", "max_len", "grad_clip", "seed")
+             "batch_size", "grad_accum", "precision", "label_smoothing", "max_len", "grad_clip", "seed")
 
 
 class ConfigError(Exception):
@@ -50,34 +56,53 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_decoding_flags(beam_size: int, max_new_tokens: int, length_penalty: float, no_repeat_ngram_size: int,
+                         batch_size: int, batch_flag: str) -> None:
+    """decode.check_settings, with its message naming the flag (`batch_flag` for batch_size)."""
+    try:
+        check_settings(beam_size, max_new_tokens, length_penalty, no_repeat_ngram_size, batch_size)
+    except ValueError as err:
+        name, problem = str(err).split(" ", 1)
+        raise ConfigError(f"{batch_flag if name == 'batch_size' else flag(name)} {problem}") from None
+
+
 def adopt_run_config(args: argparse.Namespace, explicit: set[str]) -> None:
     """--resume: take the run's flags from its run.json; refuse explicit flags that differ."""
     run_json = Path(args.out) / "run.json"
     if not run_json.is_file():
         raise ConfigError(f"--resume: {args.out} has a checkpoint but no run.json with the run's flags")
-    saved = json.loads(run_json.read_text())
+    try:
+        saved = json.loads(run_json.read_text())
+    except (ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON
+        raise ConfigError(f"{run_json}: not valid JSON ({err}); it cannot be resumed, start afresh with "
+                          "--overwrite") from None
+    missing = [name for name in RUN_FLAGS if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise ConfigError(f"{run_json}: lacks {', '.join(map(flag, missing))}; it cannot be resumed, start "
+                          "afresh with --overwrite")
     for name in RUN_FLAGS:
         if name in explicit and getattr(args, name) != saved[name]:
-            raise ConfigError(f"{flag(name)} {getattr(args, name)} differs from the run being "
-                              f"resumed in {args.out} ({saved[name]}); drop the flag to keep the run's value")
+            raise ConfigError(f"{flag(name)} {getattr(args, name)} differs from the run being resumed "
+                              f"({saved[name]} in {run_json}); drop the flag to keep the run's value")
         setattr(args, name, saved[name])
 
 
 def validate_args(args: argparse.Namespace, explicit: set[str], world_size: int = 1) -> None:
     """Every check of values, combinations and paths, before any training: raises ConfigError naming the flag."""
-    positive = ["lr", "batch_size", "grad_accum", "epochs", "max_len", "lora_r", "lora_alpha", "log_every",
-                "beam_size", "max_new_tokens", "eval_batch_size"]
+    positive = ["lr", "batch_size", "grad_accum", "epochs", "max_len", "lora_r", "lora_alpha", "log_every"]
     for name in positive:
         if not getattr(args, name) > 0:
             raise ConfigError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     non_negative = ["weight_decay", "adam_eps", "warmup_steps", "max_steps", "grad_clip", "dev_every",
-                    "dev_limit", "save_every", "eval_limit", "no_repeat_ngram_size"]
+                    "dev_limit", "save_every", "eval_limit"]
     for name in non_negative:
         if getattr(args, name) < 0:
             raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
     for name in ("lora_dropout", "label_smoothing", "beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    check_decoding_flags(args.beam_size, args.max_new_tokens, args.length_penalty, args.no_repeat_ngram_size,
+                         args.eval_batch_size, "--eval-batch-size")
     targets = [t for t in args.lora_targets.split(",") if t]
     if not targets or any(t not in LORA_TARGETS for t in targets) or len(set(targets)) != len(targets):
         raise ConfigError(f"--lora-targets must be distinct entries of {','.join(LORA_TARGETS)} separated by "
@@ -134,3 +159,27 @@ def check_out_dir(args: argparse.Namespace) -> None:
     if has_run and not args.resume and not args.overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
                           "start afresh, or choose another --out")
+
+
+def check_decoding_fits(args: argparse.Namespace, config: GPTConfig, device: torch.device) -> None:
+    """The decoding after training needs a readable --eval-split and must fit the model's positions
+    and the device's memory; say so now rather than after hours of training."""
+    try:
+        mrs = [mr for mr, _ in group_references(load_split(args.eval_split, args.data_dir, download=False))]
+    except (OSError, E2EFormatError) as err:
+        raise ConfigError(str(err)) from None
+    longest_prompt = max(len(encode_prompt(mr, args.text)) for mr in mrs[:args.eval_limit or None])
+    if args.max_new_tokens + longest_prompt > config.block_size:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} plus the longest {args.eval_split} prompt "
+                          f"({longest_prompt} tokens) exceeds the model's {config.block_size} positions; use at "
+                          f"most {config.block_size - longest_prompt}")
+    # Each beam holds keys and values for every layer and position, and a few vocabulary-wide
+    # float32 rows (logits, log-probabilities, candidates).
+    beams = args.eval_batch_size * args.beam_size
+    per_beam = 2 * config.n_layer * (longest_prompt + args.max_new_tokens) * config.n_embd * 4 + 3 * config.vocab_size * 4
+    memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if beams * per_beam > memory:
+        raise ConfigError(f"--beam-size {args.beam_size} x --eval-batch-size {args.eval_batch_size} = {beams:,} beams "
+                          f"need about {format_bytes(beams * per_beam)} to decode, more than the {format_bytes(memory)} "
+                          f"of {device}; lower --beam-size or --eval-batch-size")

@@ -25,6 +25,7 @@ from lora_min.model import (
     LoRAConfig,
     is_lora_param,
 )
+from lora_min.tokenizer import EOT
 from lora_min.weights import HUB_NAMES, load_checkpoint, write_safetensors
 
 #
@@ -258,7 +259,7 @@ def export_merged(model: GPT, folder: str | Path, metadata: dict[str, str] | Non
     # Back to the official layout: Conv1D weights are stored (in, out).
     state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}  # written contiguous
     c = model.config
-    eos = 50256 if c.vocab_size == 50257 else None  # <|endoftext|> in GPT-2's own vocabulary
+    eos = EOT if c.vocab_size == 50257 else None  # <|endoftext|> in GPT-2's own vocabulary
     config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -288,6 +288,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.gradient_checkpointing = False  # recompute block activations in backward to save memory
+        # Named adapters kept beside the active one, and its name (see lora_min/adapters.py). A plain
+        # dict: a resident adapter's tensors are not parameters of the model.
+        self.resident_adapters: dict = {}
+        self.active_adapter: str | None = None
 
         self._init_base_weights()
         if lora is not None:

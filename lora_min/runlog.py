@@ -1,9 +1,11 @@
-"""What a training run prints and keeps: the progress line, log.jsonl, the loss plot, and
-human-readable byte counts and durations."""
+"""What a run prints and keeps: progress lines, log.jsonl, the loss plot, and human-readable
+byte counts and durations (one home for each, used by training, decoding and downloads)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from lora_min.fileio import atomic_write_bytes, atomic_write_text
 
@@ -21,6 +23,17 @@ def format_duration(seconds: float) -> str:
     """Seconds as h:mm:ss."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def show_progress(stream: TextIO, line: str, done: int, total: int | None, previous: int) -> None:
+    """Show `line`, which reports `done` of `total` units (None: unknown; `previous`: `done` at the
+    last call): on a terminal, one line rewritten in place; in a log file, a new line at every tenth
+    of the way and at the end instead."""
+    finished = total is not None and done >= total
+    if stream.isatty():
+        print("\r" + line, end="\n" if finished else "", file=stream, flush=True)
+    elif finished or (total and done * 10 // total != previous * 10 // total):
+        print(line, file=stream, flush=True)
 
 
 class Progress:
@@ -56,15 +69,33 @@ class Progress:
 
 
 def append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # e.g. ENOSPC when the buffer is flushed: say which file
+        err.filename = err.filename or str(path)
+        raise
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """On resume: drop the records a killed run wrote after its last checkpoint."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    """On resume: drop the records a killed run wrote after its last checkpoint, and a last line
+    that a kill cut in half (with a warning). Raises ValueError naming a line damaged otherwise."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line) if line else None
+            if record is not None and record["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError):  # not JSON, or not a record with a step
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a log record; fix or delete the line") from None
+            # A torn append: the process was killed while writing this line.
+            print(f"warning: {path}, line {number}: dropped a half-written record (the run was killed while "
+                  "writing it)", file=sys.stderr)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(log_path: Path, png_path: Path) -> bool:

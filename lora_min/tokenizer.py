@@ -19,6 +19,9 @@ import tiktoken
 GPT2_TIKTOKEN = Path(__file__).with_name("gpt2.tiktoken")
 GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>, the one special token
+# What padded positions hold, in training batches and in decoding's left-padded prompts: never
+# attended to and never a target, so any id would do; 0 is in every vocabulary, a toy model's too.
+PAD_ID = 0
 # How GPT-2 splits text into pieces before BPE: the pattern of GPT-2's encoder.py (tiktoken
 # 0.14 writes the same split with possessive quantifiers, a speed-up).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

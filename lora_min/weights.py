@@ -17,14 +17,15 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from lora_min.download import download_file
+from lora_min.fileio import atomic_write_bytes
 
 # safetensors dtype names <-> torch dtypes (the subset GPT-2 checkpoints and LoRA need).
 DTYPES: dict[str, torch.dtype] = {
@@ -157,17 +158,14 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the buffer starts 8-byte aligned
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            for name in names:  # one tensor at a time: only one CPU copy alive at once
-                raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                f.write(raw.numpy().data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # no-op after a successful os.replace
+    def write(f: BinaryIO) -> None:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for name in names:  # one tensor at a time: only one CPU copy alive at once
+            raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            f.write(raw.numpy().data)
+
+    atomic_write_bytes(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -192,8 +190,9 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load a file of tensors only, refusing what could run code or inflate without bound."""
+def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> object:
+    """torch.load what torch.save wrote, refusing what could run code or inflate without bound;
+    ValueError names the file."""
     # torch.save stores zip entries uncompressed; torch.load would inflate a compressed one
     # (a zip bomb: 2 MB on disk, gigabytes in memory) before any other check could run.
     if zipfile.is_zipfile(path):
@@ -203,13 +202,18 @@ def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     raise ValueError(f"{path}: zip entry {entry.filename!r} is compressed, which torch.save never "
                                      "does; refused (it could inflate to any size)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
+        return torch.load(path, map_location=map_location, weights_only=True)  # no pickled code runs
     except pickle.UnpicklingError as err:  # torch's message is a page; keep the line that says why
         why = next((line for line in str(err).splitlines() if "unsupported" in line.lower()), "not a pickle torch reads")
         raise ValueError(f"{path}: holds something other than tensors, refused by torch.load("
                          f"weights_only=True): {why.strip()}") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def _torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch_load a file that must hold a flat dict name -> tensor."""
+    state = torch_load(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found a {type(state).__name__}")
     for key, value in state.items():

@@ -218,7 +218,7 @@ def test_set_adapter_gives_each_adapters_logits_without_touching_the_base(swap_s
         assert server.lora_config == ADAPTER_CONFIGS[name] and server.active_adapter == name
         assert torch.equal(logits(server), logits(references[name]))
         # The active adapter's tensors are the resident ones (rebound, not copied).
-        resident = adapters.resident_adapters(server)[name].layers[0]
+        resident = server.resident_adapters[name].layers[0]
         assert all(server.h[0].attn.lora[t] is resident[t] for t in ADAPTER_CONFIGS[name].targets)
     with disable_adapters(server):
         assert torch.equal(logits(server), base_logits)
@@ -255,7 +255,7 @@ def test_add_adapter_checks_and_names(swap_setup, tmp_path):
     with pytest.raises(ValueError, match="is active"):
         remove_adapter(server, "qv")
     remove_adapter(server, "ko")
-    assert sorted(adapters.resident_adapters(server)) == ["all", "qv"]
+    assert sorted(server.resident_adapters) == ["all", "qv"]
     # From tensors in memory, e.g. the model just trained.
     trained = lora_model(LoRAConfig(r=2, targets=("v",)), seed=9)
     add_adapter(server, "mine", lora_state_dict(trained), config=trained.lora_config)

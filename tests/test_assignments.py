@@ -133,6 +133,25 @@ MISTAKES = [  # (assignment, text in the solution, replacement, checks that must
     ("assignment6", ".tril(diagonal=S - T)", ".tril()", {"offset", "incremental"}),
     ("assignment6", "torch.softmax(scores, dim=-1) @ v", "(scores.exp() / scores.exp().sum(-1, keepdim=True)) @ v",
      {"stable"}),
+    ("assignment7", "param.requires_grad = method == \"full\" or \".lora.\" in name", "param.requires_grad = True",
+     {"trainable_lora"}),  # forgot to freeze the pretrained weights
+    ("assignment7", "return [param for param in model.parameters() if param.requires_grad]",
+     "return [p for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]",
+     {"trainable_full"}),  # the tied embedding twice
+    ("assignment7", "torch.optim.AdamW(params, lr=lr, weight_decay=0.0)", "torch.optim.AdamW(params, lr=lr)",
+     {"lora_adapt", "full_adapt"}),  # AdamW's default weight decay, 0.01
+    ("assignment7", "        losses.append(loss.item())\n",
+     "        losses.append(masked_lm_loss(model(input_ids), targets, loss_mask).item())\n",
+     {"losses"}),  # the loss after the step
+    ("assignment8", "scale[k][:, None, None]", "scale[0]", {"own_scale"}),
+    ("assignment8", "A[k].transpose(1, 2)) @ B[k].transpose(1, 2)", "A[k[0]].T) @ B[k[0]].T", {"mixed_rows", "no_adapter"}),
+    ("assignment8", "    return torch.where((adapter >= 0)[:, None, None], h + update, h)\n",
+     "    return h + update\n", {"no_adapter"}),  # -1 picked an adapter
+    ("assignment8", "update = (x @ A[k].transpose(1, 2)) @ B[k].transpose(1, 2)",
+     "update = x @ (B[k] @ A[k]).transpose(1, 2)", {"never_forms_BA"}),
+    ("assignment9", "torch.minimum(i, j)", "j", {"same", "everywhere"}),  # divided by j
+    ("assignment9", "overlap = (U1 @ U2.T) ** 2", "overlap = (U1 @ U2.T).abs()",
+     {"shape", "diagonal", "everywhere"}),  # not squared
 ]
 
 
@@ -183,6 +202,13 @@ def test_the_per_sequence_mean_is_named_only_when_that_is_the_mistake(tmp_path):
                     "    return per_row[loss_mask.any(1)].mean()\n")
     assert "the mean of the per-sequence means" in failed(grade.grade("assignment4", student, isolated=False))[
         "per_token_mean"]
+
+
+def test_calling_lora_min_instead_of_writing_it_is_a_violation(tmp_path):
+    student = write(tmp_path, "assignment4", "from lora_min.data import masked_lm_loss\n")
+    score = grade.grade("assignment4", student, isolated=False)
+    assert score.points == 0 and score.violations == [
+        "line 1 imports lora_min.data.masked_lm_loss, the reference it is graded against: write it yourself"]
 
 
 def test_a_crash_names_the_student_line(tmp_path):
@@ -272,7 +298,7 @@ def test_patching_torch_and_the_checks_in_the_child_changes_no_verdict(tmp_path)
         "        if hasattr(module, name) and module.__name__.startswith('grading'):\n"
         "            setattr(module, name, lambda *a, **k: None)\n"))
     score = grade.grade("assignment1", student, QUICK)
-    assert set(failed(score)) == {"forward_formula", "forward_gradient", "never_forms_BA"}, failed(score)
+    assert set(failed(score)) == {"forward_formula", "forward_gradient"}, failed(score)
 
 
 @pytest.mark.slow
@@ -311,10 +337,20 @@ def test_a_loop_that_swallows_timeouts_fails_its_check_and_grading_goes_on(tmp_p
 
 
 @pytest.mark.slow
+def test_a_thread_that_never_ends_does_not_hold_the_grader(tmp_path):
+    solution = solution_path("assignment5").read_text()
+    student = write(tmp_path, "assignment5", solution + "\nimport threading\n"
+                    "threading.Thread(target=lambda: [None for _ in iter(int, 1)]).start()\n")
+    start = time.monotonic()
+    score = grade.grade("assignment5", student, QUICK)
+    assert score.points == score.total and time.monotonic() - start < QUICK.import_s
+
+
+@pytest.mark.slow
 def test_allocating_4_4_gb_fails_without_hurting_the_grader(tmp_path):
     score = grade.grade("assignment5", write(tmp_path, "assignment5", "import torch\nx = torch.ones(1_100_000_000)\n"),
                         QUICK)
-    assert score.points == 0 and "RuntimeError" in score.load_error or "MemoryError" in score.load_error
+    assert score.points == 0 and "can't allocate memory" in score.load_error, score.load_error
 
 
 @pytest.mark.slow
@@ -326,6 +362,19 @@ def test_writing_outside_its_folder_is_refused_and_reported(tmp_path):
     score = grade.grade("assignment5", student, QUICK)
     assert not target.exists()
     assert score.points == 0 and any(f"writing {target}" in v for v in score.violations)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack, refused", [
+    ("import os\nos.chdir('/tmp')\nopen('written-by-the-submission', 'w')\n", "os.chdir"),
+    ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "os.kill"),
+    ("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n", "resource.setrlimit"),
+    ("import subprocess\nsubprocess.run(['true'])\n", "subprocess.Popen"),
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9))\n", "socket.connect"),
+], ids=["chdir", "kill-the-grader", "raise-limits", "subprocess", "socket"])
+def test_what_a_submission_has_no_business_doing_is_refused_and_reported(tmp_path, attack, refused):
+    score = grade.grade("assignment5", write(tmp_path, "assignment5", attack), QUICK)
+    assert score.points == 0 and any(refused in v for v in score.violations), (score.load_error, score.violations)
 
 
 @pytest.mark.slow

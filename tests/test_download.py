@@ -1,6 +1,7 @@
 """download_file against a real HTTP server on 127.0.0.1 (never any other address)."""
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -147,6 +148,9 @@ def test_file_url(tmp_path):
     dest = download_file(source.as_uri(), tmp_path / "copy.bin",
                          sha256=hashlib.sha256(PAYLOAD).hexdigest())
     assert dest.read_bytes() == PAYLOAD
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0o600
 
 
 def test_missing_file_url(tmp_path):

@@ -6,9 +6,12 @@ steps, so the whole file takes well under a minute on 2 CPU cores.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +24,9 @@ import lora_min.metrics
 import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
 from lora_min import adapters, evaluate
 from lora_min.adapters import load_adapter, model_from_adapter, read_adapter_metadata
-from lora_min.data import DEMO_DIR, Example, Position, global_batches, group_references, read_e2e_csv
+from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_batches, group_references, load_split,
+                           read_e2e_csv, references_for_scoring)
+from lora_min.distributed import Dist
 from lora_min.model import GPT, lora_state_dict
 from lora_min.weights import read_safetensors
 
@@ -155,11 +160,97 @@ def test_resume_after_sigkill_and_sigterm_ends_bitwise_equal_to_an_uninterrupted
     assert train_losses(interrupted) == train_losses(full)
 
 
-def test_resume_refuses_a_flag_that_changes_the_run(tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-step run (fp32, no accumulation) to copy and tamper with."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     assert train.main(TINY + ["--max-steps", "2", "--out", str(out)]) == 0
-    assert train.main(TINY + ["--max-steps", "2", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
-    assert "--lr 0.5 differs from the run being resumed" in capsys.readouterr().err
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0.5"), ("--grad-accum", "2"), ("--precision", "fp16")])
+def test_resume_refuses_a_flag_that_changes_the_run(finished_run, tmp_path, capsys, flag, value):
+    """--grad-accum and --precision change float rounding, so the result would differ from the
+    uninterrupted run's; --precision fp16 on an fp32 run would also find no grad-scaler state."""
+    out = copy_of(finished_run, tmp_path)
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out), "--resume", flag, value]) == 2
+    assert f"{flag} {value} differs from the run being resumed" in capsys.readouterr().err
+
+
+def rename_lora(trainable: dict, old: str, new: str) -> dict:
+    return {k.replace(f".lora.{old}.", f".lora.{new}."): v for k, v in trainable.items()}
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda t: rename_lora(t, "v", "k"), "holds 'h.0.attn.lora.k.A', which this run does not train"),  # a q,k run's
+    (lambda t: {}, "has no tensor 'h.0.attn.lora.q.A', which this run trains"),
+    (lambda t: {**t, "h.3.attn.lora.v.B": torch.zeros(128, 8)}, "'h.3.attn.lora.v.B' is (128, 8) torch.float32 there, "
+                                                                "but (128, 4) torch.float32 in this run"),
+    (lambda t: {k: v.half() for k, v in t.items()}, "torch.float16 there, but (4, 128) torch.float32 in this run"),
+])
+def test_resume_refuses_a_checkpoint_whose_tensors_do_not_fit(finished_run, tmp_path, capsys, tamper, problem):
+    out = copy_of(finished_run, tmp_path)
+    state = torch.load(out / "resume.pt", weights_only=True)
+    state["trainable"] = tamper(state["trainable"])
+    torch.save(state, out / "resume.pt")
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'resume.pt'}: " in err and problem in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("resume.pt", lambda b: b[: len(b) // 2], "not a readable PyTorch checkpoint"),
+    ("resume.pt", lambda b: b"garbage" * 100, "holds something other than tensors"),
+    ("run.json", lambda b: b[: len(b) // 2], "not valid JSON"),
+    ("run.json", lambda b: b"{}", "lacks --demo, --model"),
+])
+def test_a_damaged_checkpoint_or_run_json_is_named(finished_run, tmp_path, capsys, name, damage, problem):
+    out = copy_of(finished_run, tmp_path)
+    (out / name).write_bytes(damage((out / name).read_bytes()))
+    assert train.main(TINY + ["--max-steps", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / name}: " in err and problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, capsys):
+    """Two runs 0.5 s apart would both pass the 'already holds a run' check and interleave their
+    files: the first holds a lock on --out (here the test holds it, as another process would)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242\n")
+        lock.flush()
+        assert train.main(TINY + ["--max-steps", "1", "--out", str(out)]) == 2
+        assert f"--out {out} is in use by another run (process 4242)" in capsys.readouterr().err
+        assert not (out / "run.json").exists()
+    # Released (as the kernel does when that process ends): a run may start, and releases it in turn.
+    assert train.main(TINY + ["--max-steps", "1", "--out", str(out)]) == 0
+    with open(out / ".lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_full_disk_is_one_line_that_says_resume_continues(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_on_a_disk_that_fills_up(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_disk_that_fills_up)
+    assert train.main(TINY + ["--max-steps", "4", "--save-every", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{out / 'resume.pt'}: No space left on device; then `python train.py --resume --out {out}` "
+            "continues from the last checkpoint") in err and len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 2  # the last checkpoint is intact
 
 
 # --------------------------------------------------------------------------- data parallel
@@ -285,6 +376,11 @@ def make_file(path: Path) -> Path:
     (["--demo", "--lora-targets", "q,x"], "--lora-targets"),
     (["--demo", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
     (["--demo", "--no-eval", "--beam-size", "4"], "--no-eval skips decoding"),
+    (["--demo", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+    (["--demo", "--max-new-tokens", "1024"], "--max-new-tokens 1024 plus the longest test prompt"),
+    (["--demo", "--beam-size", "100000"], "--beam-size 100000 x --eval-batch-size 8 = 800,000 beams need about"),
+    (["--demo", "--beam-size", "0"], "--beam-size must be a positive integer, got 0"),
+    (["--demo", "--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
     pytest.param(["--demo", "--device", "cuda"], "--device cuda: no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
 ])
@@ -306,15 +402,21 @@ def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, capsys):
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
-def test_a_malformed_data_file_is_named_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("name, content, problem", [
+    ("trainset.csv", 'mr,ref\n"name[Juniper], eatType[pub",A pub.\n', "line 2: malformed MR"),
+    ("trainset.csv", "mr,ref\n", "line 2: no rows after the header"),  # would train 0 steps
+    ("devset.csv", "mr,ref\n", "line 2: no rows after the header"),  # the dev loss would divide by 0
+    ("testset_w_refs.csv", "mr,ref\n", "line 2: no rows after the header"),  # found only after training
+])
+def test_a_malformed_or_empty_data_file_is_named_before_training(tmp_path, capsys, name, content, problem):
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("devset.csv", "testset_w_refs.csv"):
-        (data / name).write_bytes((DEMO_DIR / name).read_bytes())
-    (data / "trainset.csv").write_text('mr,ref\n"name[Juniper], eatType[pub",A pub.\n')
+    for split in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        (data / split).write_bytes((DEMO_DIR / split).read_bytes())
+    (data / name).write_text(content)
     assert train.main(["--demo", "--data-dir", str(data), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert f"{data / 'trainset.csv'}, line 2" in err and "unbalanced brackets" in err
+    assert f"{data / name}, {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "log.jsonl").exists()
 
 
 def test_a_bug_is_not_reported_as_a_bad_flag(tmp_path, monkeypatch):
@@ -361,15 +463,32 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert "pipeline check" in result.stdout and "RANDOMLY INITIALISED" in result.stdout
     for name in ("run.json", "adapter.safetensors", "resume.pt", "log.jsonl", "loss.png", "summary.json"):
         assert (out / name).is_file(), name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in out.rglob("*"):  # every output readable as the umask allows (mkstemp alone gives 0o600)
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["peak_memory_bytes"] > 0
     assert 30_000 < summary["weights_bytes"] < 50_000  # 4 layers x (q, v) x (A + B) of r=4 x 128, float32
-    assert set(summary["eval"]) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    # both conventions, the paper's (-p) and the E2E challenge's (Perl), and which is which
+    for scores in (summary["eval"]["scores"], summary["eval"]["scores_perl"]):
+        assert set(scores) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert summary["eval"]["text"] == "paper"
     assert "BLEU" in result.stdout and (out / "eval" / "predictions.txt").is_file()
+    assert "measure_scores.py -p" in result.stdout and "Perl" in result.stdout
     assert "step 6/6 | epoch 1/1 |" in result.stdout  # the steps and epochs this run does, not --epochs
     assert "this run: 6 steps (0.15 epochs)" in result.stdout
     assert json.loads((out / "run.json").read_text())["model"] == "demo"
     assert f"python -m lora_min.evaluate --adapter {out / 'adapter.safetensors'}" in result.stdout
+
+
+def test_text_flag_trains_on_the_papers_text_or_the_csv_text():
+    paper, raw = (train.load_examples(train.parse_args(TINY + flags)[0], "train", Dist())
+                  for flags in ([], ["--text", "raw-csv"]))
+    mr, ref = load_split("train", "demo")[0]
+    assert paper[0] == encode_example(mr, ref, "paper") and raw[0] == encode_example(mr, ref, "raw-csv")
+    assert paper[0] != raw[0] and len(paper) == len(raw)
 
 
 def test_the_demo_adapter_goes_through_every_adapter_command(tmp_path, monkeypatch, capsys):
@@ -384,7 +503,7 @@ def test_the_demo_adapter_goes_through_every_adapter_command(tmp_path, monkeypat
     monkeypatch.setenv("LORA_MIN_E2E_DIR", str(tmp_path / "no-such-folder"))  # the adapter's data_dir wins
     assert evaluate.main(["--adapter", str(adapter), "--limit", "2", "--beam-size", "2",
                           "--max-new-tokens", "4"]) == 0
-    first_refs = group_references(read_e2e_csv(DEMO_DIR / "testset_w_refs.csv"))[0][1]
+    first_refs = references_for_scoring(group_references(read_e2e_csv(DEMO_DIR / "testset_w_refs.csv"))[0][1])
     assert (out / "eval" / "references.txt").read_text().split("\n\n")[0].splitlines() == first_refs
 
     adapters.main(["export-merged", str(adapter), str(tmp_path / "merged")])

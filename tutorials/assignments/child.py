@@ -75,8 +75,9 @@ def run_case(student: ModuleType, probe, inputs: dict, student_file: str) -> dic
 def install_audit_hook(workdir: str, private_dir: str) -> None:
     """Refuse, and report, what a submission has no business doing (see README: not a sandbox).
 
-    Writes outside `workdir`, reads under `private_dir` (the solutions), new processes, native
-    code through ctypes, sockets, and the gc/frame tricks that could reach this hook's state.
+    Writes outside `workdir`, reads under `private_dir` (the solutions), new processes, signals
+    to others, native code through ctypes, sockets, changing folder or limits, and the gc
+    tricks that could reach this hook's state.
     Only builtins and str methods are used inside the hook, so monkeypatching os.path or
     posixpath cannot change what it allows.
     """
@@ -86,7 +87,9 @@ def install_audit_hook(workdir: str, private_dir: str) -> None:
     forbidden = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
                            "os.forkpty", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function",
                            "socket.connect", "socket.bind", "socket.sendto", "gc.get_objects", "gc.get_referrers",
-                           "gc.get_referents", "sys.addaudithook", "os.truncate", "os.symlink", "os.link"})
+                           "gc.get_referents", "sys.addaudithook", "os.truncate", "os.symlink", "os.link",
+                           "os.chdir", "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit",
+                           "resource.prlimit"})
     path_events = frozenset({"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown",
                              "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"})
 
@@ -118,7 +121,7 @@ def install_audit_hook(workdir: str, private_dir: str) -> None:
             if writing and not (where + "/").startswith(workdir):
                 refuse(f"writing {where} (outside the submission's working folder)")
             if (where + "/").startswith(private_dir):
-                refuse(f"reading {where} (the assignments folder)")
+                refuse(f"reading {where} (the reference solutions)")
         elif event in path_events:
             for path in args[:2]:
                 if isinstance_(path, (str_, bytes_)) and not (absolute(path) + "/").startswith(workdir):
@@ -137,13 +140,14 @@ def main() -> int:
     assignments_dir = str(Path(checks_file).resolve().parents[1])
     sys.path[:] = [p for p in sys.path if not (Path(p) / "tutorials" / "assignments").exists()
                    and not str(Path(p).resolve()).startswith(assignments_dir)]
-    import torch  # noqa: F401  (paid before the clock of any case starts)
+    import torch  # paid before the clock of any case starts
     torch.set_num_threads(1)
     cases = torch.load("inputs.pt", weights_only=True)
     common = load_module("grading_common", Path(checks_file).parent / "common.py")  # noqa: F841
     checks = load_module("grading_checks", Path(checks_file))
     Path("results").mkdir()
-    install_audit_hook(os.getcwd(), assignments_dir)
+    # The checks and this file stay readable: torch reads the source of the frames on the stack.
+    install_audit_hook(os.getcwd(), str(Path(assignments_dir) / "solutions"))
     student_file = Path(submission).name
     try:
         student = load_module(STUDENT_MODULE, Path(submission))

@@ -18,6 +18,7 @@ by this process: `score: P/T` is the last line.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import importlib.util
 import io
@@ -31,17 +32,17 @@ import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 if (HERE.parents[1] / "lora_min").is_dir():  # grade against this checkout's lora_min, even as a script
     sys.path.insert(0, str(HERE.parents[1]))
 
-import lora_min  # noqa: E402  (the reference; the child imports this same copy)
-import torch  # noqa: E402
+import lora_min  # the reference; the child imports this same copy
+import torch
 
 CHECKS_DIR = HERE / "checks"
 CHILD = HERE / "child.py"
@@ -130,11 +131,11 @@ def verdict(case, result: dict | None) -> str:
     """"" if the case passed, else why not (one line)."""
     if result is None:
         return "not run"
-    if "error" in result:
-        return str(result["error"])
     try:
+        if "error" in result:  # the child's words: one printable line, so it cannot fake a score line
+            return "".join(c for c in str(result["error"]).strip().split("\n")[0] if c.isprintable())[:300] or "error"
         case.verify(result["outputs"])
-    except AssertionError as err:  # a Failure or a plain assert in a verify function
+    except AssertionError as err:  # a Failure (or a plain assert) in the verdict
         return str(err)
     except Exception as err:  # outputs of the wrong kind (a list for a tensor, ...)
         return f"the outputs are not what the assignment asks for ({type(err).__name__}: {err})"
@@ -167,16 +168,16 @@ def score_checks(score: Score, checks: list, cases: list[list], results: list[li
 # Running a submission: in a child process (always, for grading), or here (for the test suite)
 
 
-def child_limits(limits: Limits) -> None:
-    """Runs in the child between fork and exec: the kernel enforces these whatever it does."""
+def limit(pid: int, limits: Limits) -> None:
+    """Kernel limits on the child, set from here as soon as it exists (it spends its first
+    second importing torch, long before the submission runs); it cannot raise them (the audit
+    hook refuses resource.setrlimit, which root could otherwise use)."""
     cpu = int(limits.total_s) + 5
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     nproc = threads_of_this_user() + limits.processes
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory_bytes),
+                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_FSIZE, limits.file_bytes),
+                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+        resource.prlimit(pid, which, (value, value))
 
 
 def threads_of_this_user() -> int:
@@ -201,7 +202,7 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
               ) -> tuple[list[dict | None], str, str]:
     """One child process over `cases`, in order. Returns (results, log, how it stopped):
     results[i] is None from the first case that never finished; how it stopped is "" (done),
-    "import" (did not import), "timeout" (stuck in a case), "died" or "deadline"."""
+    "import" (did not import), "import-timeout", "timeout" (stuck in a case), "died" or "deadline"."""
     root = Path(tempfile.mkdtemp(prefix="lora-min-grade-"))
     try:
         workdir, library = root / "work", root / "lib"
@@ -214,7 +215,11 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
             process = subprocess.Popen(
                 [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library)],
                 cwd=workdir, env=child_environment(workdir), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: child_limits(limits))
+                stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                limit(process.pid, limits)
+            except ProcessLookupError:
+                pass  # it is gone already
             stopped = watch(process, workdir, len(cases), limits, deadline)
         results = []
         for i in range(len(cases)):
@@ -235,22 +240,24 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
 
 def watch(process: subprocess.Popen, workdir: Path, n_cases: int, limits: Limits, deadline: float) -> str:
     """Wait for the child; kill its whole process group when it overruns. Returns how it stopped."""
-    started = last_progress = time.monotonic()
+    started = time.monotonic()
+    last_progress = None  # when the submission finished importing, then when a case last finished
     done = 0
     try:
         while process.poll() is None:
             time.sleep(0.05)
             now = time.monotonic()
-            imported = (workdir / "imported").exists()
-            while (workdir / "results" / f"{done}.pt").exists():
+            if last_progress is None and (workdir / "imported").exists():
+                last_progress = now
+            while last_progress is not None and (workdir / "results" / f"{done}.pt").exists():
                 done, last_progress = done + 1, now
+            if done == n_cases:
+                return ""  # every output is in: whatever the child still does, it is killed
             if now > deadline:
                 return "deadline"
-            if not imported and now - started > limits.import_s:
-                return "import"
-            if imported and now - max(last_progress, started) > limits.case_s and done < n_cases:
-                if done == 0 and now - started < limits.import_s + limits.case_s:
-                    continue  # the import finished late: its first case gets its own time
+            if last_progress is None and now - started > limits.import_s:
+                return "import-timeout"
+            if last_progress is not None and now - last_progress > limits.case_s and done < n_cases:
                 return "timeout"
         return ""
     finally:
@@ -274,10 +281,10 @@ def run_isolated(assignment: str, submission: Path, flat: list, limits: Limits
         got, log, stopped = run_child(ASSIGNMENTS[assignment], submission, [flat[i][1] for i in todo], limits,
                                       deadline)
         violations += [line.split(VIOLATION, 1)[1].strip() for line in log.splitlines() if VIOLATION in line]
-        if stopped in ("import", "deadline") and not any(got):
+        if stopped in ("import", "import-timeout", "deadline") and not any(got):
             if stopped == "deadline":
                 return results, f"grading took longer than {limits.total_s:.0f} s", violations
-            return results, import_error(log, limits, started_late=stopped == "import"), violations
+            return results, import_error(log, limits, started_late=stopped == "import-timeout"), violations
         for i, result in zip(todo, got):
             results[i] = result
         todo = [i for i in todo if results[i] is None]
@@ -322,6 +329,25 @@ def run_here(submission: Path, checks: ModuleType, flat: list) -> tuple[list[dic
         sys.modules.pop(child.STUDENT_MODULE, None)
 
 
+def reference_imports(source: str, allowed: frozenset[str]) -> list[str]:
+    """Imports of lora_min, the reference the checks compare with, beyond what the starter uses."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []  # the import reports it
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [f"line {node.lineno} imports {name}, the reference it is graded against: write it yourself"
+                  for name in names if name.split(".")[0] == "lora_min" and name not in allowed]
+    return found
+
+
 def grade(assignment: str, submission: str | Path, limits: Limits = LIMITS, isolated: bool = True) -> Score:
     """Run every check of `assignment` on the file `submission`."""
     start = time.monotonic()
@@ -333,11 +359,13 @@ def grade(assignment: str, submission: str | Path, limits: Limits = LIMITS, isol
         results, load_error, violations = run_isolated(assignment, submission, flat, limits)
     else:
         results, load_error, violations = run_here(submission, checks, flat)
+    source = submission.read_text(encoding="utf-8", errors="replace")
+    violations += reference_imports(source, getattr(checks, "ALLOWED_IMPORTS", frozenset()))
     score = Score(assignment, checks.TITLE, load_error=load_error, violations=violations)
     per_check: list[list[dict | None]] = [[] for _ in cases]
     for (c, _), result in zip(flat, results):
         per_check[c].append(result if not load_error else {"error": "the file did not import"})
-    score_checks(score, checks.CHECKS, cases, per_check, submission.read_text(encoding="utf-8", errors="replace"))
+    score_checks(score, checks.CHECKS, cases, per_check, source)
     if load_error:
         for result in score.results:
             result.reason = "the file did not import"

@@ -1,7 +1,6 @@
 """Checks of assignment 3: counting parameters. Reference: lora_min.model.GPT and count_trainable."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from grading_common import Case, Check, Failure, label, rng

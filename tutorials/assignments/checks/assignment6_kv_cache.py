@@ -54,7 +54,7 @@ def attention_cases(name: str, all_positions: bool, what: str, n: int = 16, q_sc
         B, H, D, seed = random.randint(1, 2), random.randint(1, 3), random.choice([1, 4, 8]), random.randrange(2**31)
         q, k, v = randn(seed, B, H, T, D) * q_scale, randn(seed + 1, B, H, S, D), randn(seed + 2, B, H, S, D)
 
-        def verify(got, q=q, k=k, v=v):
+        def verify(got, q=q, k=k, v=v, T=T, S=S):
             if tensor(got, "attention").shape == q.shape and not torch.isfinite(got).all():
                 raise Failure("attention is not finite for large scores: subtract the row max (softmax does)")
             close(got, reference(q, k, v), what.format(T=T, S=S), atol=atol)
