@@ -181,9 +181,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
     g.add_argument("--batch-size", type=int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS")
+                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")

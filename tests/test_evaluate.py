@@ -128,7 +128,7 @@ def test_help_shows_the_defaults(capsys):
         main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
-                    "(default: 8)", "(default: eval/ beside the adapter"):
+                    "(default: 8)", "(default: eval/ beside the adapter", "(default: auto)"):
         assert default in shown
 
 
