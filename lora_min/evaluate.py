@@ -35,7 +35,7 @@ import torch
 from lora_min import decode
 from lora_min.data import (TEXTS, decode_completion, encode_prompt, group_references, load_split,
                            references_for_scoring)
-from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import ConfigError, check_decoding_flags
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores_both, format_scores
@@ -194,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              args.batch_size, "--batch-size")
         args.device = pick_device(args.device)
         args.precision = pick_precision(args.precision, args.device)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
         p.error(str(err))
     return args
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])
     out = args.out or args.adapter.parent / "eval"
-    with autocast(args.precision, args.device):  # as train.py evaluates
+    with autocast_for(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
             model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,

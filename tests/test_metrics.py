@@ -8,6 +8,7 @@ scorer printed when run whole; single metrics are also compared with reference i
 import csv
 import functools
 import math
+import random
 import shutil
 import stat
 from pathlib import Path
@@ -52,10 +53,18 @@ OFFICIAL = {  # (case, mteval): (BLEU, NIST, METEOR, ROUGE_L, CIDEr)
     ("tgen-plus", "python"): (0.6672, 8.5720, 0.4566, 0.6977, 2.2939),
     ("tgen-minus", "perl"): (0.6380, 7.9623, 0.4226, 0.6893, 2.0084),  # outputs shorter than the references:
     ("tgen-minus", "python"): (0.6380, 7.7740, 0.4226, 0.6893, 2.0084),  # NIST's length penalties differ
+    ("sclstm", "perl"): (0.4175, 6.1719, 0.3506, 0.5240, 1.0062),
+    ("sclstm", "python"): (0.4175, 6.1719, 0.3506, 0.5240, 1.0062),
+    ("paper-tgen-std-full", "perl"): (0.6724, 8.6107, 0.4504, 0.6938, 2.2810),
+    ("paper-tgen-std-full", "python"): (0.6724, 8.6106, 0.4504, 0.6938, 2.2810),
+    ("random-1", "perl"): (0.0453, 0.2329, 0.1479, 0.2660, 0.2402),  # 3 MRs, one output empty
+    ("random-1", "python"): (0.0000, 0.2351, 0.1479, 0.2660, 0.2402),  # pymteval does not smooth BLEU
+    ("random-3", "perl"): (0.1748, 0.7564, 0.1924, 0.2741, 1.0762),  # 5 MRs, short and empty outputs
+    ("random-3", "python"): (0.1866, 1.2828, 0.1924, 0.2741, 1.0762),
 }
 OFFICIAL_DIGITS = 5e-5 + 1e-9  # the scorer rounds to four decimals
 FLOAT_SUM_ORDER = 1e-12  # relative: the same sums added up in another order
-FAST_CASES = ("tgen-minus",)  # BLEU and NIST of these run in the default suite; the rest are @slow
+FAST_CASES = ("tgen-minus", "random-1", "random-3")  # BLEU and NIST of these run in the default suite
 
 
 @functools.lru_cache
@@ -106,6 +115,8 @@ def case(e2e_dir: Path, shared_dir: Path, name: str) -> tuple[list[str], list[li
         return system_output(shared_dir, name), refs
     if name.startswith("paper-"):
         return paper_case(e2e_dir, shared_dir, name)
+    if name.startswith("random-"):
+        return random_case(e2e_dir, shared_dir, int(name.removeprefix("random-")))
     return {
         "truncated-half": lambda: ([first_words(h, 0.5) for h in std], refs),
         "first-3-words": lambda: ([" ".join(h.split()[:3]) for h in std], refs),
@@ -116,6 +127,38 @@ def case(e2e_dir: Path, shared_dir: Path, name: str) -> tuple[list[str], list[li
         "varied-refs-50": lambda: ([first_words(h, 0.7) for h in system_output(shared_dir, "tgen-minus")[:50]],
                                    [group[:1 + i % 4] for i, group in enumerate(refs[:50])]),
     }[name]()
+
+
+def random_case(e2e_dir: Path, shared_dir: Path, seed: int) -> tuple[list[str], list[list[str]]]:
+    """A few to all MRs, a random system's outputs, each kept or emptied, cut short, doubled, upper-cased,
+    stripped of punctuation or given extra symbols; half of the MRs keep only their first few references."""
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 3, 5, 10, 40, 150, 630])
+    mrs = sorted(rng.sample(range(630), n))
+    outputs = system_output(shared_dir, rng.choice(SYSTEMS))
+
+    def mutate(text: str) -> str:
+        words, k = text.split(), rng.random()
+        if k < 0.15:
+            return ""
+        if k < 0.35:
+            return " ".join(words[:rng.randint(1, max(1, len(words)))])
+        if k < 0.45:
+            return " ".join(words[:rng.randint(1, 3)])
+        if k < 0.55:
+            return f"{text} {text}"
+        if k < 0.65:
+            return text.upper()
+        if k < 0.72:
+            return text.replace(".", "").replace(",", "")
+        if k < 0.80:
+            return f"CAFÉ {text} 3.5 £20-25 (cheap)!"
+        return text
+
+    hypotheses = [mutate(outputs[i]) for i in mrs]
+    references = [group[:rng.randint(1, len(group))] if rng.random() < 0.5 else group
+                  for group in (load_test_set(e2e_dir)[i] for i in mrs)]
+    return hypotheses, references
 
 
 def paper_case(e2e_dir: Path, shared_dir: Path, name: str) -> tuple[list[str], list[list[str]]]:
@@ -174,6 +217,7 @@ def tgen_scores(e2e_dir: Path, shared_dir: Path) -> dict:
     return e2e_scores_both(system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir))
 
 
+@pytest.mark.slow
 def test_e2e_scores_equal_the_official_scorer(e2e_dir, shared_dir):
     """All five on TGen's output, both modes (METEOR starts Java once: ~15 s of CPU)."""
     scores = tgen_scores(e2e_dir, shared_dir)
