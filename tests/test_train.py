@@ -30,7 +30,7 @@ from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_b
 from lora_min.device import HALF_DTYPES
 from lora_min.distributed import Dist
 from lora_min.download import DownloadError
-from lora_min.model import GPT, lora_state_dict
+from lora_min.model import GPT, GPTConfig, lora_state_dict
 from lora_min.weights import read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def prepare_while_rank_0_downloads(rank: int, port: int, model_path: str, out: s
 def test_other_processes_wait_for_rank_0s_download_beyond_the_jobs_timeout(tmp_path):
     from lora_min.hf_interop import export_merged
 
-    export_merged(GPT(train.GPTConfig(n_layer=1, n_head=2, n_embd=8)), tmp_path / "base")
+    export_merged(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8)), tmp_path / "base")
     torch.multiprocessing.spawn(prepare_while_rank_0_downloads, nprocs=2,
                                 args=(free_port(), str(tmp_path / "base"), str(tmp_path / "out")))
 
