@@ -128,7 +128,7 @@ def test_help_shows_the_defaults(capsys):
         main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
-                    "(default: 8)", "(default: eval/ beside the adapter"):
+                    "(default: 8)", "(default: eval/ beside the adapter", "(default: auto)"):
         assert default in shown
 
 
@@ -197,6 +197,15 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
     assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected
 
 
+def test_a_missing_base_is_one_line_not_a_traceback(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "gone"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: '{tmp_path / 'gone'}' is not an existing file")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+
 @pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be a positive integer"),
                                             (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0"),
                                             (["--batch-size", "0"], "--batch-size must be a positive integer")])
@@ -206,3 +215,13 @@ def test_command_line_names_a_bad_decoding_flag(tmp_path, capsys, flags, message
     with pytest.raises(SystemExit):
         main(["--adapter", str(adapter), *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_one_line_before_any_work(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    export_merged(GPT(TINY), tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: {tmp_path / 'nope'} lacks trainset.csv")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "nope").exists()  # a named folder is never downloaded into
