@@ -57,7 +57,7 @@ from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_
 from lora_min.metrics import format_scores
 from lora_min.model import GPT, LORA_TARGETS, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
-from lora_min.weights import HUB_NAMES, resolve_checkpoint
+from lora_min.weights import HUB_NAMES, files_to_download, resolve_checkpoint
 
 # How long the other processes of a torchrun job wait while rank 0 downloads the weights:
 # gpt2-xl is 6.4 GB, two hours at 1 MB/s.
@@ -315,8 +315,10 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
     try:  # data first: it is quick, and a bad file fails before a model is downloaded
         train_examples = load_examples(args, "train", dist)
         dev_examples = load_examples(args, "dev", dist)[:args.dev_limit or None]
-    except (OSError, E2EFormatError) as err:  # a missing or malformed CSV, a failed download
+    except E2EFormatError as err:  # a malformed CSV
         raise ConfigError(str(err)) from None
+    except OSError as err:  # a missing CSV, a failed download: say what else is still to get, all at once
+        raise ConfigError(f"{err} {files_to_download(args.model)}".rstrip()) from None
     torch.manual_seed(args.seed)  # the same LoRA initialisation in every process
     if args.demo:
         model = build_model(args)

@@ -181,9 +181,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
     g.add_argument("--batch-size", type=int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS")
+                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")
@@ -203,9 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    metadata = read_adapter_metadata(args.adapter)
+    try:
+        metadata = read_adapter_metadata(args.adapter)
+        model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
+    except (OSError, ValueError, KeyError) as err:  # a malformed adapter, a missing base, a failed download
+        print(f"python -m lora_min.evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}",
+              file=sys.stderr)
+        return 2
     data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
-    model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])

@@ -235,6 +235,23 @@ def warn_if_not_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                       "a model using them computes NaN", stacklevel=3)
 
 
+HUB_FILES = ("config.json", "model.safetensors")  # what resolve_checkpoint fetches for a GPT-2 name
+
+
+def hub_cache_folder(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where GPT-2 `name`'s files are kept: <cache_dir, else $LORA_MIN_CACHE, else ~/.cache/lora_min>/<name>."""
+    return Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser() / name
+
+
+def files_to_download(name: str) -> str:
+    """A sentence naming GPT-2 `name`'s files that are not in the cache yet, and where they come from
+    ("" if all are there, or if `name` is no GPT-2 name): so that an offline user learns it all at once."""
+    folder = hub_cache_folder(name) if name in HUB_NAMES else None
+    missing = [filename for filename in HUB_FILES if folder and not (folder / filename).is_file()]
+    return (f"Still to download for {name}: {' and '.join(missing)} from {HUB_URL}/{HUB_NAMES[name]}/resolve/main/ "
+            f"into {folder}/." if missing else "")
+
+
 def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -> Path:
     """Turn a path or a GPT-2 name into a local checkpoint path, downloading if needed.
 
@@ -248,13 +265,12 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path not in HUB_NAMES:
         raise ValueError(f"{name_or_path!r} is not an existing file or folder, nor one of the GPT-2 "
                          f"names {', '.join(HUB_NAMES)}")
-    cache = Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser()
-    folder = cache / name_or_path
+    folder = hub_cache_folder(name_or_path, cache_dir)
     hub_folder = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main"
     hint = (f"Offline? Download {hub_folder}/config.json and {hub_folder}/model.safetensors by hand (browser, "
             f"curl) into {folder}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min), or into any "
             "folder and give that folder instead of the name (train.py --model PATH, GPT.from_pretrained(PATH)).")
-    for filename in ("config.json", "model.safetensors"):
+    for filename in HUB_FILES:
         if not (folder / filename).is_file():
             download_file(f"{hub_folder}/{filename}", folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
     return folder / "model.safetensors"

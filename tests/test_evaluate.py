@@ -128,7 +128,7 @@ def test_help_shows_the_defaults(capsys):
         main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
-                    "(default: 8)", "(default: eval/ beside the adapter"):
+                    "(default: 8)", "(default: eval/ beside the adapter", "(default: auto)"):
         assert default in shown
 
 
@@ -185,6 +185,15 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
         expected = decode_mrs(model.eval(), [mr for mr, _ in demo_groups(2)], beam_size=2, max_new_tokens=4,
                               progress=None)
     assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected
+
+
+def test_a_missing_base_is_one_line_not_a_traceback(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "gone"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: '{tmp_path / 'gone'}' is not an existing file")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "eval").exists()
 
 
 @pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be a positive integer"),

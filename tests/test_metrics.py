@@ -57,14 +57,39 @@ OFFICIAL = {  # (case, mteval): (BLEU, NIST, METEOR, ROUGE_L, CIDEr)
     ("sclstm", "python"): (0.4175, 6.1719, 0.3506, 0.5240, 1.0062),
     ("paper-tgen-std-full", "perl"): (0.6724, 8.6107, 0.4504, 0.6938, 2.2810),
     ("paper-tgen-std-full", "python"): (0.6724, 8.6106, 0.4504, 0.6938, 2.2810),
+    ("paper-sclstm-truncated", "perl"): (0.2180, 0.8133, 0.1901, 0.3548, 0.5536),  # half of each output,
+    ("paper-sclstm-truncated", "python"): (0.2234, 0.7609, 0.1901, 0.3548, 0.5536),  # every 7th empty
+    # the first three words of each output: NIST's penalty leaves nothing; with -p the scorer itself stops with
+    # ZeroDivisionError (no output has a 4-gram), where e2e_scores reports NIST None and says why
+    ("first-3-words", "perl"): (0.0024, 0.0000, 0.0654, 0.2408, 0.1148),
+    ("every-5th-empty", "perl"): (0.5481, 7.2398, 0.3693, 0.5507, 1.7648),
+    ("every-5th-empty", "python"): (0.5571, 7.0905, 0.3693, 0.5507, 1.7648),
+    ("single-ref", "perl"): (0.3233, 5.1255, 0.3675, 0.4923, 1.9291),  # one reference per MR
+    ("sclstm-20-short", "perl"): (0.3600, 4.0328, 0.3229, 0.5055, 1.2979),
+    ("sclstm-20-short", "python"): (0.3600, 4.8675, 0.3229, 0.5055, 1.2979),
+    ("varied-refs-50", "perl"): (0.2221, 0.5697, 0.2839, 0.4797, 1.4412),  # 1 to 4 references per MR
+    ("varied-refs-50", "python"): (0.2221, 0.8449, 0.2839, 0.4797, 1.4412),
+    ("random-0", "perl"): (0.3983, 4.7736, 0.3059, 0.4553, 1.2350),
+    ("random-0", "python"): (0.4116, 4.5349, 0.3059, 0.4553, 1.2350),
     ("random-1", "perl"): (0.0453, 0.2329, 0.1479, 0.2660, 0.2402),  # 3 MRs, one output empty
     ("random-1", "python"): (0.0000, 0.2351, 0.1479, 0.2660, 0.2402),  # pymteval does not smooth BLEU
     ("random-3", "perl"): (0.1748, 0.7564, 0.1924, 0.2741, 1.0762),  # 5 MRs, short and empty outputs
     ("random-3", "python"): (0.1866, 1.2828, 0.1924, 0.2741, 1.0762),
+    ("random-4", "perl"): (0.4242, 1.9453, 0.3084, 0.4365, 1.4514),
+    ("random-4", "python"): (0.4367, 2.2625, 0.3084, 0.4365, 1.4514),
+    ("random-6", "perl"): (0.1184, 0.1960, 0.1579, 0.2625, 0.9369),
+    ("random-6", "python"): (0.1312, 0.4035, 0.1579, 0.2625, 0.9369),
+    ("random-5", "perl"): (0.1883, 0.1464, 0.1960, 0.3263, 0.8033),
+    ("random-5", "python"): (0.2087, 0.2144, 0.1960, 0.3263, 0.8033),
+    ("random-7", "perl"): (0.4122, 5.8167, 0.3170, 0.4543, 1.1573),
+    ("random-7", "python"): (0.4185, 5.7005, 0.3170, 0.4543, 1.1573),
+    ("random-8", "perl"): (0.3433, 4.1213, 0.2919, 0.3432, 0.7221),
+    ("random-8", "python"): (0.3462, 4.1070, 0.2919, 0.3432, 0.7221),
 }
 OFFICIAL_DIGITS = 5e-5 + 1e-9  # the scorer rounds to four decimals
 FLOAT_SUM_ORDER = 1e-12  # relative: the same sums added up in another order
-FAST_CASES = ("tgen-minus", "random-1", "random-3")  # BLEU and NIST of these run in the default suite
+FAST_CASES = ("tgen-minus", "sclstm-20-short", "varied-refs-50", "random-1", "random-3", "random-4", "random-5",
+              "random-6", "random-7", "random-8")  # BLEU and NIST of these run in the default suite
 
 
 @functools.lru_cache
@@ -210,6 +235,8 @@ def test_all_five_equal_the_official_scorer_in_both_modes(e2e_dir, shared_dir, n
     for mteval in metrics.MTEVAL:
         if (name, mteval) in OFFICIAL:
             assert_official(scores[mteval], name, mteval)
+    if name == "first-3-words":
+        assert scores["python"]["NIST"] is None and "divides by zero" in scores["python"]["NIST_unavailable"]
 
 
 @functools.lru_cache

@@ -23,12 +23,13 @@ import torch
 
 import lora_min.metrics
 import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
-from lora_min import adapters, evaluate
+from lora_min import adapters, data, evaluate
 from lora_min.adapters import load_adapter, model_from_adapter, read_adapter_metadata
 from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_batches, group_references, load_split,
                            read_e2e_csv, references_for_scoring)
 from lora_min.device import HALF_DTYPES
 from lora_min.distributed import Dist
+from lora_min.download import DownloadError
 from lora_min.model import GPT, GPTConfig, lora_state_dict
 from lora_min.weights import read_safetensors
 
@@ -585,3 +586,20 @@ def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
     assert "42,061 training examples" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["data_dir"] == str(e2e_dir)
     assert len(train_losses(out)) == 2
+
+
+def test_an_offline_first_run_names_the_data_and_the_weights_at_once(tmp_path, monkeypatch, capsys):
+    """Not one missing piece per run: the data error also says which GPT-2 files are still to come."""
+    def offline(url, dest, *, hint="", **kwargs):
+        raise DownloadError(f"could not download {url} to {dest}: no network. {hint}")
+
+    monkeypatch.delenv("LORA_MIN_E2E_DIR", raising=False)
+    monkeypatch.setattr(data, "DEFAULT_E2E_DIR", tmp_path / "data" / "e2e")
+    monkeypatch.setattr(data, "download_file", offline)
+    monkeypatch.setenv("LORA_MIN_CACHE", str(tmp_path / "cache"))
+    assert train.main(["--out", str(tmp_path / "runs" / "first")]) == 2
+    err = capsys.readouterr().err
+    assert "could not download" in err and "To get the data by hand" in err
+    assert ("Still to download for gpt2: config.json and model.safetensors from "
+            f"https://huggingface.co/openai-community/gpt2/resolve/main/ into {tmp_path / 'cache' / 'gpt2'}/.") in err
+    assert list(tmp_path.iterdir()) == []  # and no empty data, cache or run folder is left behind
