@@ -205,14 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+    try:  # every input checked before any decoding: a bad one is one line, not a traceback
         metadata = read_adapter_metadata(args.adapter)
+        data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
+        load_split(args.split, data_dir, download=data_dir is None)  # as train.py: only data/e2e is downloaded into
         model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
-    except (OSError, ValueError, KeyError) as err:  # a malformed adapter, a missing base, a failed download
+    except (OSError, ValueError, KeyError) as err:  # a malformed adapter or CSV, a missing base, a failed download
         print(f"python -m lora_min.evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}",
               file=sys.stderr)
         return 2
-    data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])

@@ -101,7 +101,9 @@ class LoRAConfig:
 class LoRA(nn.Module):
     """The trainable low-rank update of one frozen projection W0 (out x in).
 
-    h = W0 x + (alpha / r) * B A x,  with A: (r, in) and B: (out, r)   (paper Eq. 3)
+    h = W0 x + (alpha / r) * B A x,  with A: (r, in) and B: (out, r)
+
+    (paper Eq. 3 is h = W0 x + B A x; the scaling by alpha / r is §4.1's.)
 
     B starts at zero, so at initialisation B A = 0 and the model is exactly the pretrained one;
     A starts like an nn.Linear weight (Kaiming-uniform) so gradients reach B from the first step.

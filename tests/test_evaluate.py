@@ -190,7 +190,7 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
 def test_a_missing_base_is_one_line_not_a_traceback(tmp_path, capsys):
     model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
     save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "gone"))
-    assert main(["--adapter", str(tmp_path / "adapter.safetensors")]) == 2
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", "demo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"python -m lora_min.evaluate: error: '{tmp_path / 'gone'}' is not an existing file")
     assert len(err.splitlines()) == 1 and not (tmp_path / "eval").exists()
@@ -205,3 +205,13 @@ def test_command_line_names_a_bad_decoding_flag(tmp_path, capsys, flags, message
     with pytest.raises(SystemExit):
         main(["--adapter", str(adapter), *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_one_line_before_any_work(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    export_merged(GPT(TINY), tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: {tmp_path / 'nope'} lacks trainset.csv")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "nope").exists()  # a named folder is never downloaded into
