@@ -148,19 +148,19 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
                        eos_ids: Sequence[int]) -> list[list[int]]:
     """Beam search for a few prompts at once; hypotheses end with their EOS token, if any.
 
-    Row p * K + k of every (rows, ...) tensor is beam k of the p-th prompt still being decoded
-    (K = beam_size). Prompts leave the batch when they are done, so P shrinks.
+    Row p * K + k of every (P*K, ...) tensor is beam k of the p-th prompt still being decoded
+    (K = beam_size). Only *open* beams (finite score) are live: the model, the KV cache and the
+    logits hold the live rows alone, in that order. A beam whose hypothesis just finished stays
+    empty until the next step, and prompts leave the batch when they are done, so P shrinks.
     """
     K = beam_size
-    logits, cache = _run_prompts(model, prompts, max_new_tokens)  # (P, vocab)
+    logits, cache = _run_prompts(model, prompts, max_new_tokens)  # (P, vocab): beam 0 of each prompt
     P, vocab_size = logits.shape
     device = logits.device
-    # All K beams of a prompt start as that prompt: copy its cache rows and logits K times.
-    cache.reorder(torch.arange(P, device=device).repeat_interleave(K))
-    logits = logits.repeat_interleave(K, dim=0)  # (P*K, vocab)
     dtype = _score_dtype(logits.dtype)
     scores = torch.full((P, K), -math.inf, dtype=dtype, device=device)  # sum of log-probs of each open hypothesis
-    scores[:, 0] = 0.0  # only beam 0 is open at first: the K copies must not yield K equal candidates
+    scores[:, 0] = 0.0  # only beam 0 is open at first: K copies of the prompt would yield K equal candidates
+    live = scores.isfinite().flatten()  # (P*K,) the rows that logits and the cache hold
     generated = torch.empty(P * K, 0, dtype=torch.long, device=device)  # (P*K, t) tokens so far
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
 
@@ -170,9 +170,10 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
 
     for step in range(max_new_tokens):
         length = step + 1  # tokens each candidate of this step holds, its EOS included
-        log_probs = _next_token_log_probs(logits, generated, no_repeat_ngram_size)  # (P*K, vocab)
-        candidates = (scores.view(-1, 1) + log_probs).view(P, K * vocab_size)
-        scores, flat = candidates.topk(K, dim=1)  # (P, K), best first
+        log_probs = _next_token_log_probs(logits, generated[live], no_repeat_ngram_size)  # (live rows, vocab)
+        candidates = torch.full((P * K, vocab_size), -math.inf, dtype=dtype, device=device)
+        candidates[live] = scores.view(-1, 1)[live] + log_probs  # an empty beam has no candidates
+        scores, flat = candidates.view(P, K * vocab_size).topk(K, dim=1)  # (P, K), best first
         parent = flat // vocab_size + K * torch.arange(P, device=device)[:, None]  # row each extends
         token = flat % vocab_size  # (P, K)
         generated = torch.cat([generated[parent.flatten()], token.view(-1, 1)], dim=1)
@@ -195,8 +196,11 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
             generated = generated.view(P, K, -1)[keep].flatten(0, 1)
             prompt_ids = [p for p, kept in zip(prompt_ids, keep.tolist()) if kept]
             P = len(prompt_ids)
-        cache.reorder(parent.flatten())  # each new hypothesis continues from its parent's keys/values
-        logits = model(token.view(-1, 1), cache=cache)[:, -1]
+        # Each open hypothesis continues from its parent's keys/values (an open one's parent was live).
+        cache_row = live.cumsum(0) - 1  # where each live row of the last step sits in the cache
+        live = scores.isfinite().flatten()
+        cache.reorder(cache_row[parent.flatten()[live]])
+        logits = model(token.view(-1, 1)[live], cache=cache)[:, -1]
     return best
 
 
