@@ -16,8 +16,7 @@ time over ours per batch (median over batches and rounds, the two run back to ba
 
 Then fixed-length decoding (`--only fixed`), one MR at a time and in batches, with the gpt2 (124M)
 configuration and random weights: the same weights in our GPT and in transformers' GPT2LMHeadModel. The prompts are E2E test MRs
-from data/demo/, formatted as for training (offline, set TIKTOKEN_CACHE_DIR to a folder holding
-the GPT-2 BPE files). Every method generates exactly --new-tokens tokens per MR (no EOS), so
+from data/demo/, formatted as for training. Every method generates exactly --new-tokens tokens per MR (no EOS), so
 tokens/s compare like with like; beam search reports output tokens, not tokens x beams.
 
 One prompt at a time, the methods take turns on each MR (who goes first alternates), and a speed

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
+
+from lora_min.fileio import atomic_write_text
 
 SEED = 2021
 N_TRAIN_MRS, N_DEV_MRS, N_TEST_MRS = 130, 40, 40
@@ -97,17 +97,6 @@ def csv_text(rows: list[tuple[str, str]]) -> str:
     return out.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; these files are for everyone
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def make_demo(out_dir: Path) -> None:
     rng = random.Random(SEED)
     mrs: dict[str, dict[str, str]] = {}  # distinct MRs, so no dev/test MR is seen in training
@@ -130,7 +119,7 @@ def make_demo(out_dir: Path) -> None:
                 if ref not in refs:
                     refs.append(ref)
             rows += [(mr_text(mr), ref) for ref in refs]
-        write_atomic(out_dir / file_name, csv_text(rows))
+        atomic_write_text(out_dir / file_name, csv_text(rows))
         print(f"{out_dir / file_name}: {len(split_mrs)} MRs, {len(rows)} references")
 
 

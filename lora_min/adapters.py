@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from lora_min.decode import EOS_IDS, greedy
-from lora_min.hf_interop import export_merged, export_peft, import_peft
+from lora_min.demo import DEMO, DEMO_CONFIG, load_base
+from lora_min.hf_interop import export_merged, export_peft, import_peft, read_peft_config
 from lora_min.model import (
     GPT,
     GPT2_SIZES,
@@ -43,11 +44,14 @@ from lora_min.weights import (
     DTYPE_NAMES,
     HUB_NAMES,
     read_safetensors,
+    warn_if_not_finite,
     write_safetensors,
 )
 
 FORMAT = "lora-min adapter"
 FORMAT_VERSION = "1"
+METADATA_KEYS = ("base_model", "base_config", "base_config_sha256", "lora_r", "lora_alpha", "lora_dropout",
+                 "lora_targets")  # what write_adapter records and readers rely on
 
 # -----------------------------------------------------------------------------
 # 1. Adapter files
@@ -111,7 +115,7 @@ def save_adapter(model: GPT, path: str | Path, *, base_model: str = "gpt2",
                  extra_metadata: dict[str, str] | None = None) -> None:
     """Save the model's (active) LoRA tensors and what they fit to `path`, atomically.
 
-    base_model: what GPT.from_pretrained should load to use this adapter ('gpt2', or a path).
+    base_model: what lora_min.demo.load_base should load to use this adapter ('gpt2', 'demo' or a path).
     extra_metadata: more strings to keep in the file (training step, loss, ...).
     """
     if model.lora_config is None:
@@ -131,6 +135,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if metadata.get("checksum_sha256") != adapter_checksum(tensors, metadata):
         raise ValueError(f"{path}: contents do not match the checksum_sha256 in its metadata "
                          "(the file was corrupted or edited)")
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: adapter metadata lacks {', '.join(missing)}")
+    lora_config_from_metadata(metadata, str(path))  # a valid checksum can still cover bad values
+    _architecture_from_metadata(metadata, str(path))
+    warn_if_not_finite(tensors, str(path))
     return tensors, metadata
 
 
@@ -139,27 +149,40 @@ def read_adapter_metadata(path: str | Path) -> dict[str, str]:
     return read_adapter(path)[1]
 
 
-def lora_config_from_metadata(metadata: dict[str, str]) -> LoRAConfig:
+def lora_config_from_metadata(metadata: dict[str, str], source: str = "adapter") -> LoRAConfig:
     """The LoRAConfig an adapter was trained with: build GPT(..., lora=this) to load it."""
     try:
         return LoRAConfig(r=int(metadata["lora_r"]), alpha=float(metadata["lora_alpha"]),
                           dropout=float(metadata["lora_dropout"]),
                           targets=tuple(metadata["lora_targets"].split(",")))
     except KeyError as err:
-        raise ValueError(f"adapter metadata has no {err} key") from None
+        raise ValueError(f"{source}: adapter metadata has no {err} key") from None
+    except ValueError as err:  # int("four"), or a value LoRAConfig refuses
+        raise ValueError(f"{source}: bad LoRA settings in the adapter metadata: {err}") from None
+
+
+def _architecture_from_metadata(metadata: dict[str, str], source: str) -> dict:
+    """The base architecture an adapter's metadata records (base_architecture's dict)."""
+    try:
+        architecture = json.loads(metadata["base_config"])
+    except ValueError as err:
+        raise ValueError(f"{source}: adapter metadata 'base_config' is not JSON: {err}") from None
+    if not isinstance(architecture, dict):
+        raise ValueError(f"{source}: adapter metadata 'base_config' is not a JSON object: {architecture!r}")
+    return architecture
 
 
 def model_from_adapter(path: str | Path, base: str | Path | None = None) -> GPT:
-    """The base model the adapter names (or `base`), with the adapter loaded."""
+    """The base model the adapter names (or `base`: a GPT-2 name, 'demo' or a path), with the adapter loaded."""
     metadata = read_adapter_metadata(path)
-    model = GPT.from_pretrained(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
+    model = load_base(base or metadata["base_model"], lora=lora_config_from_metadata(metadata))
     load_adapter(model, path)
     return model
 
 
 def check_base(model: GPT, metadata: dict[str, str], source: str) -> None:
     """Refuse an adapter trained on a base of another architecture, naming what differs."""
-    theirs, ours = json.loads(metadata["base_config"]), base_architecture(model.config)
+    theirs, ours = _architecture_from_metadata(metadata, source), base_architecture(model.config)
     if theirs != ours:
         diffs = ", ".join(f"{k} {theirs.get(k)} (adapter) vs {ours.get(k)} (model)"
                           for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k))
@@ -229,10 +252,6 @@ class Adapter:
     layers: nn.ModuleList  # layers[i] is bound to model.h[i].attn.lora while this adapter is active
 
 
-def resident_adapters(model: GPT) -> dict[str, Adapter]:
-    return model.__dict__.setdefault("resident_adapters", {})
-
-
 def new_lora_modules(model: GPT, tensors: dict[str, torch.Tensor], config: LoRAConfig) -> nn.ModuleList:
     """One ModuleDict of LoRA modules per layer, holding copies of `tensors`."""
     n_embd, device, dtype = model.config.n_embd, model.wte.weight.device, model.wte.weight.dtype
@@ -254,7 +273,7 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
     """Make an adapter resident under `name`: from an adapter file, or from LoRA tensors
     (lora_state_dict keys) with their `config` (default: the model's LoRAConfig).
     It follows the model's device and dtype; set_adapter activates it."""
-    if name in resident_adapters(model):
+    if name in model.resident_adapters:
         raise ValueError(f"an adapter named {name!r} is already resident; remove_adapter it first")
     if isinstance(source, dict):
         tensors, config, where = source, config or model.lora_config, f"adapter {name!r}"
@@ -265,25 +284,25 @@ def add_adapter(model: GPT, name: str, source: str | Path | dict[str, torch.Tens
         config, where = lora_config_from_metadata(metadata), str(source)
         check_base(model, metadata, where)
     check_tensors(tensors, model.config, config, where)
-    resident_adapters(model)[name] = Adapter(config, new_lora_modules(model, tensors, config))
+    model.resident_adapters[name] = Adapter(config, new_lora_modules(model, tensors, config))
 
 
 def remove_adapter(model: GPT, name: str) -> None:
-    if model.__dict__.get("active_adapter") == name:
+    if model.active_adapter == name:
         raise ValueError(f"adapter {name!r} is active; set_adapter another one first")
-    del resident_adapters(model)[_known(model, name)]
+    del model.resident_adapters[_known(model, name)]
 
 
 def _known(model: GPT, name: str) -> str:
-    if name not in resident_adapters(model):
-        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(resident_adapters(model))}")
+    if name not in model.resident_adapters:
+        raise KeyError(f"no resident adapter {name!r}; resident: {sorted(model.resident_adapters)}")
     return name
 
 
 def _resident_like_model(model: GPT, name: str) -> Adapter:
     """Resident adapter `name`, on the model's device and dtype and in its train/eval mode:
     model.to(...) and model.eval() reached only the adapter that was active at the time."""
-    adapter = resident_adapters(model)[_known(model, name)]
+    adapter = model.resident_adapters[_known(model, name)]
     weight, first = model.wte.weight, adapter.layers[0][adapter.config.targets[0]]
     if (first.A.device, first.A.dtype) != (weight.device, weight.dtype):
         adapter.layers.to(weight.device, weight.dtype)
@@ -374,10 +393,7 @@ class PerRowLoRA(nn.Module):
         self.register_buffer("rows", rows, persistent=False)  # (batch,) slot of each row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (batch, T, in) -> (batch, T, out)
-        if x.size(0) != self.rows.numel():
-            raise ValueError(f"mixed_adapters was given {self.rows.numel()} adapter names but the batch has "
-                             f"{x.size(0)} rows (decoding that drops or reorders rows needs greedy_mixed)")
+        # x: (batch, T, in) -> (batch, T, out); mixed_adapters checks that batch == len(rows)
         A, B, scale = self.A[self.rows], self.B[self.rows], self.scale[self.rows]  # gather per row
         return (x @ A.mT @ B.mT) * scale[:, None, None]  # (batch, T, r) -> (batch, T, out)
 
@@ -392,6 +408,8 @@ def mixed_adapters(model: GPT, names: Sequence[str | None]) -> Iterator[None]:
     Works with a KVCache (the rows are the cache's rows) as long as nothing drops or reorders
     rows; greedy_mixed decodes with it. Inference only: no LoRA dropout.
     """
+    if not names:
+        raise ValueError("mixed_adapters needs one adapter name (or None) per batch row; got no names")
     _refuse_if_merged(model, "mix adapters")
     adapters = [_resident_like_model(model, n) if n is not None else None for n in names]
     layers = []
@@ -400,8 +418,18 @@ def mixed_adapters(model: GPT, names: Sequence[str | None]) -> Iterator[None]:
                       for t in LORA_TARGETS}
         layers.append(nn.ModuleDict({t: PerRowLoRA(updates) for t, updates in per_target.items()
                                      if any(u is not None for u in updates)}))
-    with _lora_bound(model, layers):
-        yield
+    def check_rows(_: GPT, args: tuple, kwargs: dict) -> None:  # also when no row has an adapter
+        rows = (args[0] if args else kwargs["idx"]).size(0)
+        if rows != len(names):
+            raise ValueError(f"mixed_adapters was given {len(names)} adapter names but the batch has {rows} "
+                             "rows (decoding that drops or reorders rows needs greedy_mixed)")
+
+    hook = model.register_forward_pre_hook(check_rows, with_kwargs=True)
+    try:
+        with _lora_bound(model, layers):
+            yield
+    finally:
+        hook.remove()
 
 
 def greedy_mixed(model: GPT, prompts: Sequence[Sequence[int]], names: Sequence[str | None],
@@ -428,7 +456,7 @@ def greedy_mixed(model: GPT, prompts: Sequence[Sequence[int]], names: Sequence[s
 def _base_config(name_or_path: str) -> GPTConfig:
     if name_or_path in GPT2_SIZES:
         return GPTConfig.from_name(name_or_path)
-    return GPT.from_pretrained(name_or_path).config
+    return DEMO_CONFIG if name_or_path == DEMO else GPT.from_pretrained(name_or_path).config
 
 
 def info(path: str | Path) -> str:
@@ -444,21 +472,30 @@ def info(path: str | Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lora_min.adapters", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    adapter_help = "adapter file written by train.py or save_adapter (.safetensors)"
     p = commands.add_parser("info", help="show an adapter file's metadata (and check it)")
-    p.add_argument("adapter")
+    p.add_argument("adapter", help=adapter_help)
     p = commands.add_parser("export-peft", help="adapter file -> PEFT adapter folder")
-    p.add_argument("adapter")
-    p.add_argument("out_dir")
+    p.add_argument("adapter", help=adapter_help)
+    p.add_argument("out_dir", help="folder to write adapter_config.json and adapter_model.safetensors to")
     p = commands.add_parser("import-peft", help="PEFT adapter folder -> adapter file")
-    p.add_argument("peft_dir")
-    p.add_argument("out_file")
-    p.add_argument("--base", help="base model name or path (default: adapter_config.json's)")
+    p.add_argument("peft_dir", help="folder with a PEFT adapter's adapter_config.json and adapter_model.safetensors")
+    p.add_argument("out_file", help="adapter file to write (.safetensors)")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: adapter_config.json's)")
     p = commands.add_parser("export-merged", help="adapter file + base -> Hugging Face GPT-2 checkpoint folder")
-    p.add_argument("adapter")
-    p.add_argument("out_dir")
-    p.add_argument("--base", help="base model name or path (default: the one the adapter names)")
+    p.add_argument("adapter", help=adapter_help)
+    p.add_argument("out_dir", help="folder to write config.json and model.safetensors to")
+    p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
+                                  "(default: the one the adapter names)")
     args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except (OSError, ValueError, KeyError) as err:  # a missing or malformed file or base, a failed download
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err.args[0] if isinstance(err, KeyError) else err}\n")
 
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "info":
         print(info(args.adapter))
     elif args.command == "export-peft":
@@ -466,8 +503,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         export_peft(args.out_dir, tensors, lora_config_from_metadata(metadata), base_model=metadata["base_model"])
         print(f"wrote {args.out_dir}/adapter_config.json and adapter_model.safetensors")
     elif args.command == "import-peft":
-        base = args.base or json.loads((Path(args.peft_dir) / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
+        base = args.base or read_peft_config(args.peft_dir).get("base_model_name_or_path")
         if not base:
             raise SystemExit("adapter_config.json names no base model; pass --base")
         base = {hub: name for name, hub in HUB_NAMES.items()}.get(base, base)

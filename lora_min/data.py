@@ -8,21 +8,18 @@ and the tensors the training loop and the evaluation consume:
 
     download_e2e / ensure_e2e        the official zip -> three verified CSVs on disk
     read_e2e_csv, group_references   CSV -> (mr, ref) pairs -> each MR with all its refs
+    paper_words, format_mr/ref       the paper's text: microsoft/LoRA's data/e2e/*.txt, rebuilt
     encode_prompt, encode_example    text -> GPT-2 tokens, formatted as microsoft/LoRA does
     make_examples, iterate_batches   token lists -> padded (input_ids, targets, loss_mask)
     masked_lm_loss                   the label-smoothed loss over reference tokens only
 
 One training sequence (microsoft/LoRA, examples/NLG/src/gpt2_encode.py and data_utils.py):
 
-    [name : The Vaults | Type : pub] [<|endoftext|>] [ The Vaults is a pub.] [<|endoftext|>]
-     the formatted MR                 separator       ' ' + reference         end
+    [name : The Vaults | Type : pub] [<|endoftext|>] [ The Vaults is a pub . ] [<|endoftext|>]
+     the formatted MR                 separator       ' ' + completion         end
      prompt: not in the loss                          completion: in the loss
 
 Where we differ from microsoft/LoRA:
-  * Its data/e2e/*.txt files (made by the Prefix-Tuning preprocessing) hold space-
-    tokenised text (`more than £ 30`); we encode the official CSV text unchanged
-    except that whitespace runs in a reference collapse to one space, so generated
-    text needs no detokenising before scoring.
   * collate drops the last input position instead of giving it a padding target:
     the same loss with one position fewer.
   * Batches are padded to their longest sequence (with optional length bucketing),
@@ -32,7 +29,6 @@ Where we differ from microsoft/LoRA:
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import os
@@ -45,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
 from lora_min.download import DownloadError, download_file
+from lora_min.fileio import folder_for
+from lora_min.tokenizer import EOT, PAD_ID, get_tokenizer
 
 # --------------------------------------------------------------------------- where
 
@@ -100,12 +97,11 @@ def download_e2e(dest_dir: str | Path | None = None, url: str = E2E_URL, timeout
     The zip goes to a temporary folder inside `dest_dir` (so the final os.replace
     is a same-filesystem, atomic rename). Every CSV is checked against its pinned
     sha256 before any of them is moved into place; on any failure the temporary
-    folder is removed and `dest_dir` holds nothing new. Raises DownloadError.
+    folder is removed and `dest_dir` holds nothing new (nor exists, if this made it). Raises DownloadError.
     """
     dest = resolve_e2e_dir(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
     hint = _by_hand_hint(dest)
-    with tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
+    with folder_for(dest), tempfile.TemporaryDirectory(prefix=".e2e-download-", dir=dest) as tmp:
         zip_path = download_file(url, Path(tmp) / "e2e-dataset.zip", timeout=timeout,
                                  desc="E2E dataset", hint=hint)
         verified = []
@@ -233,6 +229,8 @@ def read_e2e_csv(path: str | Path) -> list[E2EPair]:
         raise E2EFormatError(f"{path}, line {start}: {err}") from None
     if not header_seen:
         raise E2EFormatError(f"{path}, line 1: empty file, expected the header 'mr,ref'")
+    if not pairs:  # training on it would run 0 steps; scoring it would divide by zero
+        raise E2EFormatError(f"{path}, line {start}: no rows after the header 'mr,ref' (an empty split)")
     return pairs
 
 
@@ -255,41 +253,148 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
     return read_e2e_csv(ensure_e2e(data_dir, download=download) / SPLIT_FILES[split])
 
 
-# --------------------------------------------------------------------------- tokens
+# --------------------------------------------------------------------------- the paper's text
+# The paper's numbers come from microsoft/LoRA's examples/NLG pipeline, which trains, decodes and
+# scores on data/e2e/{train,valid,test}.txt: one `context||completion` line per (MR, reference)
+# row of the official CSVs, in the same order. Those files are the Prefix-Tuning (Li & Liang,
+# 2021) preprocessing, which we rebuild from the CSVs, byte for byte for valid.txt and test.txt
+# (tests/test_data.py checks both against microsoft/LoRA's files):
+#
+#   CSV  name[Blue Spice], eatType[coffee shop], priceRange[£20-25] | It's a family-friendly café.
+#   file name : Blue Spice | Type : coffee shop | price : £ 20 - 25||It 's a family - friendly café . \n
+#
+# The MR becomes `slot : value | ...` with three slots renamed, and every value and reference is
+# split into words by the rules in paper_words, joined by single spaces. The completion ends with
+# one space (their files do, and microsoft/LoRA trains on ' ' + completion, that space included).
+# The test set's references were evidently tokenized by a different tool from the train/dev
+# ones; the rules marked "test" / "train and dev" below are where the two disagree (train.txt
+# is assumed to follow the dev rules: it is not here to check, see data/README.md). `--text raw-csv` (TEXTS) trains on the CSV text unchanged instead.
 
-EOT = 50256  # GPT-2's <|endoftext|>: separator after the MR, end of the reference, and padding
-PAD_ID = EOT
-
-# microsoft/LoRA trains on the Prefix-Tuning (Li & Liang, 2021) rendering of each MR,
-# `name : The Vaults | Type : pub | price : more than £ 30`, which renames three slots.
+TEXTS = ("paper", "raw-csv")  # the paper's tokenized text (default) or the official CSV text as is
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
 
+_LETTER = r"[^\W\d_]"  # a letter, "é" included
+_SPLIT_OFF_FRONT = "£$'\","  # "£30" -> "£ 30", "'Family" -> "' Family", ",with" -> ", with"
+_SPLIT_OFF_BACK = re.compile(r"(?:\.{2,}|[.,;:!?'\"])$")  # "Spice." -> "Spice .", "friendly.." -> "friendly .."
+_CLITIC = re.compile(r"(.+?)('(?:s|ll|re|ve|d|m|t))", re.IGNORECASE)  # "It's" -> "It 's", "isn't" -> "isn 't"
+_NOT = re.compile(r"(.+)(n't)", re.IGNORECASE)  # test: "isn't" -> "is n't", "won't" -> "wo n't"
+_INSIDE = {  # split points inside a word, kept as tokens of their own
+    "test": re.compile(rf"((?<={_LETTER})-(?={_LETTER})|(?<=\d)-(?=\d)|(?<={_LETTER}),(?={_LETTER}))"),
+    "train": re.compile(rf"((?<=[^\W_])-(?={_LETTER})|(?<=\d)-(?=\d)|(?<={_LETTER}),(?={_LETTER})"
+                        rf"|£|\.{{2,}}(?={_LETTER}))"),
+}
 
-@functools.lru_cache(maxsize=None)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's byte-level BPE (50257 tokens). Offline: set TIKTOKEN_CACHE_DIR (data/README.md)."""
-    return tiktoken.get_encoding("gpt2")
+
+def paper_words(text: str, split: str = "train") -> list[str]:
+    """The words of `text` as the paper's files have them (`split`: "train", "dev" or "test").
+
+    Each whitespace-separated word is cut in three steps:
+      1. punctuation off both ends, outside in: "£30" -> "£ 30", "'average'," -> "' average ' ,",
+         "center.," -> "center . ,"; "£." -> "£ ."; but "non-" and "-friendly" keep their hyphen.
+         train and dev: a number's period before a lower-case word stays ("of 5. in the city";
+         the one such word in dev, where their tool did not take the period for a sentence end).
+      2. a clitic off the end: "It's" -> "It 's", "You'll" -> "You 'll"; for "n't" the two tools
+         differ: test "isn't" -> "is n't", train and dev "isn't" -> "isn 't"; and test alone
+         splits "thats" -> "that s".
+      3. hyphens and commas inside: "family-friendly" -> "family - friendly", "20-25" -> "20 - 25",
+         "Cricketers,located" -> "Cricketers , located"; "5-star" -> "5 - star" in train and dev
+         but stays "5-star" in test; train and dev also split off every "£" ("is£20-25" ->
+         "is £ 20 - 25", "£20-£25" -> "£ 20- £ 25") and dots between words ("ratings...but").
+    Anything else stays as it is: "30.99", "L30", "d'oeuvre", "Café".
+    """
+    style = _style(split)
+    words = text.split()
+    tokens: list[str] = []
+    for i, word in enumerate(words):
+        next_word = words[i + 1] if i + 1 < len(words) else ""
+        if style == "train" and re.fullmatch(r"\d+\.", word) and next_word[:1].islower():
+            tokens.append(word)  # step 1's exception: "1 out of 5. in the city centre"
+            continue
+        front, back = [], []
+        while len(word) > 1:  # step 1
+            end = _SPLIT_OFF_BACK.search(word)
+            if word[0] in _SPLIT_OFF_FRONT:
+                front.append(word[0])
+                word = word[1:]
+            elif end and end.start() > 0:
+                back.insert(0, end.group())
+                word = word[:end.start()]
+            else:
+                break
+        tokens += front + _split_inside(word, style) + back
+    return tokens
 
 
-def format_mr(mr: str) -> str:
-    """The prompt text for an MR: 'name[X], eatType[pub]' -> 'name : X | Type : pub'."""
-    return " | ".join(f"{LORA_SLOT_NAMES.get(slot, slot)} : {value}" for slot, value in parse_mr(mr))
+def _style(split: str) -> str:
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown E2E split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+    return "test" if split == "test" else "train"
 
 
-def encode_prompt(mr: str) -> list[int]:
+def _split_inside(word: str, style: str) -> list[str]:
+    """Steps 2 and 3 of paper_words for one word without its outer punctuation."""
+    if style == "test" and word.lower() == "thats":
+        return [word[:4], word[4:]]
+    clitic = (style == "test" and _NOT.fullmatch(word)) or _CLITIC.fullmatch(word)
+    if clitic:
+        return _split_inside(clitic.group(1), style) + [clitic.group(2)]
+    return [part for part in _INSIDE[style].split(word) if part]
+
+
+def format_mr(mr: str, text: str = "paper") -> str:
+    """The prompt text for an MR: 'name[X], eatType[pub], priceRange[£20-25]' ->
+    'name : X | Type : pub | price : £ 20 - 25' ("paper"; "raw-csv" keeps '£20-25')."""
+    slots = parse_mr(mr)
+    if _check_text(text) == "paper":
+        slots = [(slot, " ".join(paper_words(value))) for slot, value in slots]
+    return " | ".join(f"{LORA_SLOT_NAMES.get(slot, slot)} : {value}" for slot, value in slots)
+
+
+def format_ref(ref: str, text: str = "paper", split: str = "train") -> str:
+    """A reference as the completion text: "paper": its paper_words joined by spaces, with the
+    files' final space; "raw-csv": the CSV text with whitespace runs collapsed to one space."""
+    if _check_text(text) == "paper":
+        return " ".join(paper_words(ref, split)) + " "
+    return " ".join(ref.split())
+
+
+def _check_text(text: str) -> str:
+    if text not in TEXTS:
+        raise ValueError(f"unknown text {text!r}; expected one of {TEXTS}")
+    return text
+
+
+def paper_file(pairs: Sequence[tuple[str, str]], split: str) -> str:
+    """The whole of microsoft/LoRA's data/e2e/<file>.txt for these CSV rows (`split` as in
+    SPLIT_FILES; their file names are train, valid and test): one context||completion a line."""
+    return "".join(f"{format_mr(mr)}||{format_ref(ref, 'paper', split)}\n" for mr, ref in pairs)
+
+
+def references_for_scoring(refs: Sequence[str], text: str = "paper", split: str = "test") -> list[str]:
+    """One MR's references as the scorer gets them. "paper": as microsoft/LoRA's gpt2_decode.py
+    writes e2e_ref.txt (the completion, stripped); "raw-csv": the CSV text on one line."""
+    return [format_ref(ref, text, split).strip() for ref in refs]
+
+
+# --------------------------------------------------------------------------- tokens
+
+# EOT, GPT-2's <|endoftext|> (lora_min/tokenizer.py): separator after the MR and end of the reference.
+
+
+def encode_prompt(mr: str, text: str = "paper") -> list[int]:
     """What generation feeds the model: the formatted MR, then the <|endoftext|> separator.
 
     encode_ordinary treats any '<|endoftext|>' inside the text as plain characters,
     so data can never inject the special token.
     """
-    return get_tokenizer().encode_ordinary(format_mr(mr)) + [EOT]
+    return get_tokenizer().encode_ordinary(format_mr(mr, text)) + [EOT]
 
 
-def encode_reference(ref: str) -> list[int]:
-    """The completion: ' ' + reference (whitespace runs collapsed), then <|endoftext|>."""
+def encode_reference(ref: str, text: str = "paper") -> list[int]:
+    """The completion: ' ' + the training text of the reference (format_ref), then <|endoftext|>."""
     # The leading space is microsoft/LoRA's (gpt2_encode.py: enc.encode(' ' + completion)):
     # GPT-2's BPE glues a word to the space before it, so ' The' is the natural first token.
-    return get_tokenizer().encode_ordinary(" " + " ".join(ref.split())) + [EOT]
+    return get_tokenizer().encode_ordinary(" " + format_ref(ref, text, "train")) + [EOT]
 
 
 def decode(ids: Sequence[int]) -> str:
@@ -297,11 +402,12 @@ def decode(ids: Sequence[int]) -> str:
 
 
 def decode_completion(ids: Sequence[int]) -> str:
-    """Generated tokens after the prompt -> text: cut at the first <|endoftext|>, strip."""
+    """Generated tokens after the prompt -> text, cut as microsoft/LoRA's gpt2_decode.py cuts it:
+    at the first <|endoftext|>, then at the first blank line ("\\n\\n"), stripped."""
     ids = list(ids)
     if EOT in ids:
         ids = ids[:ids.index(EOT)]
-    return decode(ids).strip()
+    return decode(ids).split("\n\n")[0].strip()
 
 
 @dataclass(frozen=True)
@@ -316,18 +422,19 @@ class Example:
                              f"got n_prompt={self.n_prompt} of {len(self.input_ids)} tokens")
 
 
-def encode_example(mr: str, ref: str) -> Example:
-    prompt = encode_prompt(mr)
-    return Example(tuple(prompt + encode_reference(ref)), len(prompt))
+def encode_example(mr: str, ref: str, text: str = "paper") -> Example:
+    prompt = encode_prompt(mr, text)
+    return Example(tuple(prompt + encode_reference(ref, text)), len(prompt))
 
 
-def make_examples(pairs: Sequence[tuple[str, str]], max_len: int = 512) -> tuple[list[Example], int]:
+def make_examples(pairs: Sequence[tuple[str, str]], max_len: int = 512,
+                  text: str = "paper") -> tuple[list[Example], int]:
     """Encode every (mr, ref) pair; sequences longer than `max_len` keep their first
     `max_len` tokens (as microsoft/LoRA's padding_tokens does). Returns the examples and
     how many were truncated. E2E examples are ~20-100 tokens, so 512 never truncates."""
     examples, n_truncated = [], 0
     for mr, ref in pairs:
-        example = encode_example(mr, ref)
+        example = encode_example(mr, ref, text)
         if len(example.input_ids) > max_len:
             if example.n_prompt >= max_len:
                 raise ValueError(f"max_len={max_len} leaves no reference token for MR {mr!r} "
@@ -455,3 +562,38 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch
         raise ValueError(f"logits must be (B, T, V) or (N, V) with N = loss_mask.sum() = "
                          f"{masked_targets.shape[0]}; got {tuple(logits.shape)}")
     return F.cross_entropy(logits.float(), masked_targets, label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------- the training stream
+
+@dataclass
+class Position:
+    """Where the data stream stands: the next global batch is batch `batch` of epoch `epoch`."""
+    epoch: int = 0
+    batch: int = 0
+
+
+def global_batches(examples: Sequence[Example], batch_size: int, epochs: int, *, seed: int, start: Position,
+                   world_size: int = 1) -> Iterator[tuple[Position, list[int]]]:
+    """(position, example indices) of every global batch from `start` to the end of the last epoch.
+    The order depends only on (seed, epoch) (see batch_plan), so a resumed run, or a run with
+    another number of processes, sees the very same batches."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    for epoch in range(start.epoch, epochs):
+        plan = batch_plan(lengths, batch_size, seed=seed, epoch=epoch, world_size=world_size)
+        for index in range(start.batch if epoch == start.epoch else 0, len(plan)):
+            yield Position(epoch, index), plan[index]
+
+
+def micro_batches(examples: Sequence[Example], batch: Sequence[int], rank: int, world_size: int,
+                  grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Rank `rank`'s part of a global batch, cut into `grad_accum` micro-batches:
+    (input_ids, targets, loss_mask, number of loss tokens) each."""
+    mine = shard(batch, rank, world_size)
+    pieces = [shard(mine, i, grad_accum) for i in range(grad_accum)]
+    return [(*tensors, int(tensors[2].sum())) for tensors in (collate([examples[i] for i in p]) for p in pieces if p)]
+
+
+def loss_tokens(examples: Sequence[Example], batch: Sequence[int]) -> int:
+    """Target tokens that carry loss in a batch: each example's reference and final <|endoftext|>."""
+    return sum(len(examples[i].input_ids) - examples[i].n_prompt for i in batch)

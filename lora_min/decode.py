@@ -49,12 +49,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from lora_min.tokenizer import EOT, PAD_ID
 from lora_min.model import GPT, KVCache
 
 # GPT-2's <|endoftext|> (50256), which ends every E2E training sequence, and "\n\n" (628):
 # gpt2_beam.py stops at both (`--eos_token_id 628` is appended to its default [50256]).
-EOS_IDS = (50256, 628)
-PAD_ID = 0  # what left padding holds; the attention mask hides it, so any token id would do
+EOS_IDS = (EOT, 628)
 
 
 # -----------------------------------------------------------------------------
@@ -127,11 +127,7 @@ def beam_search(
     max_new_tokens tokens. `batch_size` prompts (so batch_size * beam_size rows) are decoded side
     by side; results do not depend on it.
     """
-    _check_positive(beam_size=beam_size, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
-    if not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+    check_settings(beam_size, max_new_tokens, length_penalty, no_repeat_ngram_size, batch_size)
     prompts = _fit_prompts(prompts, model.config.block_size, max_new_tokens)
     with _eval_mode(model):
         hypotheses = []
@@ -272,7 +268,8 @@ def _run_prompts(model: GPT, prompts: list[list[int]], max_new_tokens: int) -> t
     """Feed the left-padded prompts once: (B, vocab) next-token logits and a cache holding them."""
     weight = model.wte.weight
     idx, mask = _pad_left(prompts, weight.device)  # (B, T) each
-    cache = KVCache(model.config, len(prompts), idx.size(1) + max_new_tokens, weight.device, weight.dtype)
+    cache = KVCache(model.config, len(prompts), idx.size(1) + max_new_tokens, weight.device,
+                    model.compute_dtype())
     last_column = torch.zeros_like(mask)
     last_column[:, -1] = True  # with left padding every prompt ends there; skip the LM head elsewhere
     logits = model(idx, attention_mask=mask, cache=cache, logits_mask=last_column)
@@ -304,6 +301,17 @@ def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, max_new_toke
             raise ValueError(f"prompt {i} is empty: decoding needs at least one token to start from")
         fitted.append(prompt[-max_prompt_len:])
     return fitted
+
+
+def check_settings(beam_size: int = 1, max_new_tokens: int = 1, length_penalty: float = 1.0,
+                   no_repeat_ngram_size: int = 0, batch_size: int = 1) -> None:
+    """Raise ValueError naming the first bad setting by its keyword here (the command lines check
+    their flags with this too, before any work)."""
+    _check_positive(beam_size=beam_size, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
+
+from lora_min.fileio import atomic_write_bytes, folder_for
+from lora_min.runlog import format_bytes, show_progress
 
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: small enough for a lively progress line
 
@@ -25,21 +27,11 @@ class DownloadError(OSError):
     """A file could not be fetched, arrived incomplete, or failed its sha256 check."""
 
 
-def _human(n_bytes: float) -> str:
-    """Bytes as a short human-readable string, e.g. 548.1 MB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError("unreachable")
-
-
-def _show_progress(desc: str, done: int, total: int | None, started: float, end: str = "") -> None:
-    """Rewrite one progress line on stderr: `desc: 45% 246.6 MB / 548.1 MB  31.2 MB/s`."""
+def _progress_line(desc: str, done: int, total: int | None, started: float) -> str:
+    """`desc: 45% 246.6 MB / 548.1 MB  31.2 MB/s`"""
     rate = done / max(time.monotonic() - started, 1e-6)
-    amount = f"{done / total:4.0%} {_human(done)} / {_human(total)}" if total else _human(done)
-    sys.stderr.write(f"\r{desc}: {amount}  {_human(rate)}/s" + end)
-    sys.stderr.flush()
+    amount = f"{done / total:4.0%} {format_bytes(done)} / {format_bytes(total)}" if total else format_bytes(done)
+    return f"{desc}: {amount}  {format_bytes(rate)}/s"
 
 
 def download_file(url: str, dest: str | Path, *, sha256: str | None = None, timeout: float = 10.0,
@@ -52,39 +44,36 @@ def download_file(url: str, dest: str | Path, *, sha256: str | None = None, time
     Raises DownloadError on any network failure, a truncated body or a sha256 mismatch.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     desc = desc or dest.name
     suffix = f" {hint}" if hint else ""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        done, started = 0, time.monotonic()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    last_shown = 0.0
-                    while chunk := response.read(CHUNK_BYTES):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        if time.monotonic() - last_shown > 0.2:  # redraw at most 5 times a second
-                            _show_progress(desc, done, total, started)
-                            last_shown = time.monotonic()
-            # URLError (DNS, refused, HTTP 404...) and socket timeouts are OSErrors;
-            # http.client raises HTTPException subclasses for broken responses.
-            except (OSError, http.client.HTTPException) as err:
-                raise DownloadError(f"could not download {url} to {dest}: {err}.{suffix}") from err
-        _show_progress(desc, done, total, started, end="\n")
+
+    def fetch(out: BinaryIO) -> None:
+        digest, done, shown, started = hashlib.sha256(), 0, 0, time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                last_shown = 0.0
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if done != total and time.monotonic() - last_shown > 0.2:  # at most 5 redraws a second
+                        show_progress(sys.stderr, _progress_line(desc, done, total, started), done, total, shown)
+                        shown, last_shown = done, time.monotonic()
+        # URLError (DNS, refused, HTTP 404...) and socket timeouts are OSErrors;
+        # http.client raises HTTPException subclasses for broken responses.
+        except (OSError, http.client.HTTPException) as err:
+            raise DownloadError(f"could not download {url} to {dest}: {err}.{suffix}") from err
+        show_progress(sys.stderr, _progress_line(desc, done, total, started), done, done, shown)  # the last line
         if total is not None and done != total:
             raise DownloadError(f"download of {url} to {dest} is truncated: got {done} of "
                                 f"{total} bytes (connection closed early).{suffix}")
         if sha256 is not None and digest.hexdigest() != sha256.lower():
             raise DownloadError(f"sha256 mismatch for {dest} (from {url}): expected {sha256.lower()}, "
                                 f"got {digest.hexdigest()}.{suffix}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op after a successful os.replace
+
+    # A failed or interrupted download leaves nothing behind: no temporary file, no new empty folders.
+    with folder_for(dest.parent):
+        atomic_write_bytes(dest, fetch, suffix=".part")
     return dest

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lora_min.fileio import atomic_write_text
 from lora_min.model import (
     CONV1D_WEIGHTS,
     GPT,
@@ -26,6 +25,7 @@ from lora_min.model import (
     LoRAConfig,
     is_lora_param,
 )
+from lora_min.tokenizer import EOT
 from lora_min.weights import HUB_NAMES, load_checkpoint, write_safetensors
 
 #
@@ -44,16 +44,6 @@ from lora_min.weights import HUB_NAMES, load_checkpoint, write_safetensors
 PEFT_PREFIX = "base_model.model.transformer."
 PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj)"
                       r"\.lora_(A|B)\.weight")
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # no-op after a successful os.replace
 
 
 def export_peft(folder: str | Path, tensors: dict[str, torch.Tensor], lora: LoRAConfig, *,
@@ -101,7 +91,7 @@ def export_peft(folder: str | Path, tensors: dict[str, torch.Tensor], lora: LoRA
     }
     write_safetensors(folder / "adapter_model.safetensors", {k: v.contiguous() for k, v in peft_tensors.items()},
                       {"format": "pt"})
-    _write_json_atomic(folder / "adapter_config.json", config)
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _peft_scaling(config: dict, module: str, rank: int, source: str) -> float:
@@ -116,7 +106,33 @@ def _peft_scaling(config: dict, module: str, rank: int, source: str) -> float:
     if r != rank:
         raise ValueError(f"{source}: {module} has rank {rank} but adapter_config.json says r={r}")
     alpha = pattern_value(config.get("alpha_pattern"), config.get("lora_alpha", 8))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"{source}: lora_alpha for {module} is {alpha!r}, not a positive number")
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def read_peft_config(folder: str | Path) -> dict:
+    """adapter_config.json of a PEFT adapter folder, as a dict; errors name the file."""
+    config_file = Path(folder) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json; is this a PEFT adapter folder?")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON
+        raise ValueError(f"{config_file}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    return config
+
+
+def _adapted_layers(config: dict, n_layer: int) -> set[int] | None:
+    """The layers PEFT put LoRA in, as adapter_config.json says (None: a regex or exclusion decided)."""
+    if isinstance(config.get("target_modules"), str) or config.get("exclude_modules"):
+        return None
+    layers = config.get("layers_to_transform")
+    if layers is None:  # target_modules names modules, matched in every layer
+        return set(range(n_layer))
+    return {layers} if isinstance(layers, int) else set(layers)
 
 
 def _check_peft_config(config: dict, source: str) -> None:
@@ -144,9 +160,7 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
     """
     folder = Path(folder)
     config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter_config.json; is this a PEFT adapter folder?")
-    config = json.loads(config_file.read_text())
+    config = read_peft_config(folder)
     _check_peft_config(config, str(config_file))
     found = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
     if not found:
@@ -164,6 +178,14 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
         if layer >= base.n_layer:
             raise ValueError(f"{found[0]}: {key!r}: layer {layer}, but the base has {base.n_layer} layers")
         pairs.setdefault((layer, module), {})[which] = value
+
+    expected = _adapted_layers(config, base.n_layer)
+    for module in sorted({module for _, module in pairs}):
+        layers = sorted(layer for layer, m in pairs if m == module)
+        if expected is not None and set(layers) != expected:
+            raise ValueError(f"{found[0]}: {module} has LoRA tensors for layers {layers}, but {config_file.name} "
+                             f"says layers {sorted(expected)} of this {base.n_layer}-layer base: the adapter "
+                             "was made for another base")
 
     C = base.n_embd
     updates: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}  # (layer, target) -> A, B, scale
@@ -199,39 +221,45 @@ def import_peft(folder: str | Path, base: GPTConfig) -> tuple[dict[str, torch.Te
                 A[: A_t.size(0)] = A_t
                 B[:, : B_t.size(1)] = B_t if scale_t == scale else B_t * (scale_t / scale)
             tensors[f"h.{layer}.attn.lora.{t}.A"], tensors[f"h.{layer}.attn.lora.{t}.B"] = A, B
-    return tensors, LoRAConfig(r=r, alpha=scale * r, dropout=float(config.get("lora_dropout", 0.0)), targets=targets)
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"{config_file}: lora_dropout is {dropout!r}, not a number in [0, 1)")
+    return tensors, LoRAConfig(r=r, alpha=scale * r, dropout=float(dropout), targets=targets)
 
 
 @torch.no_grad()
 def merged_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The base weights with the active LoRA folded in (summed in float32), the model untouched."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+    """The base weights with the active LoRA folded in (summed in float32), the model untouched.
+    Weights without an update are the model's own tensors, not copies."""
+    state = {k: v for k, v in model.state_dict().items()
              if not is_lora_param(k) and k != "lm_head.weight"}  # lm_head is tied to wte
-    C = model.config.n_embd
     for i, block in enumerate(model.h):
-        for target, update in block.attn.lora.items():
-            if update.merged:
-                continue  # already in the weights
-            # The same blocks CausalSelfAttention.base_weight returns: q, k, v rows of c_attn, or c_proj.
-            if target == "o":
-                weight = state[f"h.{i}.attn.c_proj.weight"]
-            else:
-                j = "qkv".index(target)
-                weight = state[f"h.{i}.attn.c_attn.weight"][j * C : (j + 1) * C]
-            weight.copy_((weight.float() + update.delta_weight()).to(weight.dtype))
+        attn = block.attn
+
+        def merged(target: str) -> torch.Tensor:  # W0 + scale * B A, or W0 when not adapted (or merged already)
+            weight, update = attn.base_weight(target), attn.lora[target] if target in attn.lora else None
+            if update is None or update.merged:
+                return weight
+            return (weight.float() + update.delta_weight()).to(weight.dtype)
+
+        if any(t in attn.lora for t in "qkv"):
+            state[f"h.{i}.attn.c_attn.weight"] = torch.cat([merged(t) for t in "qkv"])  # rows [q | k | v]
+        if "o" in attn.lora:
+            state[f"h.{i}.attn.c_proj.weight"] = merged("o")
     return state
 
 
-def export_merged(model: GPT, folder: str | Path) -> None:
+def export_merged(model: GPT, folder: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write the model with its LoRA folded in as a Hugging Face GPT-2 checkpoint (config.json +
-    model.safetensors in the official layout) for transformers.GPT2LMHeadModel.from_pretrained."""
+    model.safetensors in the official layout) for transformers.GPT2LMHeadModel.from_pretrained.
+    `metadata` goes into the safetensors header beside {"format": "pt"}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = merged_state_dict(model)
     # Back to the official layout: Conv1D weights are stored (in, out).
-    state = {k: (v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}
+    state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in state.items()}  # written contiguous
     c = model.config
-    eos = 50256 if c.vocab_size == 50257 else None  # <|endoftext|> in GPT-2's own vocabulary
+    eos = EOT if c.vocab_size == 50257 else None  # <|endoftext|> in GPT-2's own vocabulary
     config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -243,5 +271,5 @@ def export_merged(model: GPT, folder: str | Path) -> None:
         "tie_word_embeddings": True,
         "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }
-    write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
-    _write_json_atomic(folder / "config.json", config)
+    write_safetensors(folder / "model.safetensors", state, {"format": "pt", **(metadata or {})})
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")

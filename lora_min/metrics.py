@@ -1,15 +1,19 @@
 """The five official E2E NLG Challenge metrics: BLEU, NIST, METEOR, ROUGE-L and CIDEr.
 
-The paper (Hu et al., 2021, Table 3) scores E2E with the challenge's official scorer,
-tuetschek/e2e-metrics (`measure_scores.py`). That script does not compute anything itself;
-it runs two third-party evaluators, and this module reproduces both:
+E2E is scored with the challenge's official scorer, tuetschek/e2e-metrics (`measure_scores.py`).
+That script does not compute anything itself; it runs third-party evaluators, and this module
+reproduces them:
 
 * BLEU and NIST come from NIST's `mteval-v13a` Perl script (the `-sig` copy, adapted to a
   variable number of references per segment), run without `-c`, so on lower-cased text with
-  mteval's own tokenization, at corpus level, against all references of each MR.
+  mteval's own tokenization, at corpus level, against all references of each MR. With `-p` the
+  scorer uses its Python port instead (`metrics/pymteval.py`), which differs in corner cases
+  (short outputs, the NIST length penalty). The paper's numbers (Hu et al., 2021, Table 3) come
+  from `measure_scores.py ... -p` (microsoft/LoRA, examples/NLG/README.md, step 4), so both are
+  here: `mteval="perl"` is the challenge's official scorer, `mteval="python"` the paper's.
 * METEOR, ROUGE-L and CIDEr come from the MS-COCO caption evaluation code (`pycocoevalcap`),
   which first tokenizes every sentence with the Stanford PTB tokenizer (`-lowerCase`) and drops
-  punctuation tokens.
+  punctuation tokens. They are the same in both modes.
 
 Everything is plain Python/NumPy except METEOR, which needs the official Java implementation
 (`meteor-1.5.jar`, shipped by the optional `pycocoevalcap` package; needs `java`). When either is
@@ -18,8 +22,8 @@ missing, METEOR is reported as `None` with the reason; it is never approximated.
     scores = e2e_scores(hypotheses, references)  # one hypothesis and a list of references per MR
     print(format_scores(scores))
 
-tests/test_metrics.py checks every metric against the reference implementations (sacrebleu,
-nltk, pycocoevalcap, the Stanford tokenizer) on the real E2E test set.
+tests/test_metrics.py checks both modes against figures printed by the official scorer, run
+whole, on the outputs of published E2E systems and on cases where the brevity penalties bite.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import numpy as np
 # BLEU, METEOR and ROUGE-L x100: 70.4 / 8.85 / 46.8 / 71.8 / 2.53).
 PAPER_GPT2_M_LORA = {"BLEU": 0.704, "NIST": 8.85, "METEOR": 0.468, "ROUGE_L": 0.718, "CIDEr": 2.53}
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+MTEVAL = ("perl", "python")  # measure_scores.py's default (the challenge's) and its -p mode (the paper's)
 
 Tokens = list[str]
 
@@ -70,22 +75,31 @@ _MTEVAL_PERIOD_COMMA_BEFORE = re.compile(r"([\.,])([^0-9])")
 _MTEVAL_DASH = re.compile(r"([0-9])(-)")
 
 
-def mteval_tokenize(text: str) -> Tokens:
+def mteval_tokenize(text: str, mteval: str = "perl") -> Tokens:
     """mteval-v13a's default (non-international) normalization, lower-cased as the E2E scorer runs it.
 
     Step by step as in the Perl `tokenization` sub: join lines, unescape four SGML entities,
     lower-case ASCII letters only (`tr/[A-Z]/[a-z]/`), pad with spaces, split off punctuation,
     split "." and "," unless they sit between digits ("3.5", "1,000" stay whole), split "-"
     after a digit ("20-25" -> "20 - 25"), then split on whitespace.
+    mteval="python" is pymteval's copy of these steps, which lower-cases every letter
+    (`str.lower`, so "CAFÉ" -> "café", not "cafÉ") and splits an empty text into one empty
+    token (`"".split(" ") == [""]`), so an empty output still counts as one word.
     """
     text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
     text = text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    text = f" {text} ".translate(_ASCII_LOWER)
+    text = f" {text} ".lower() if _check_mteval(mteval) == "python" else f" {text} ".translate(_ASCII_LOWER)
     text = _MTEVAL_PUNCT.sub(r" \1 ", text)
     text = _MTEVAL_PERIOD_COMMA_AFTER.sub(r"\1 \2 ", text)
     text = _MTEVAL_PERIOD_COMMA_BEFORE.sub(r" \1 \2", text)
     text = _MTEVAL_DASH.sub(r"\1 \2 ", text)
-    return text.split()
+    return text.split() or ([""] if mteval == "python" else [])
+
+
+def _check_mteval(mteval: str) -> str:
+    if mteval not in MTEVAL:
+        raise ValueError(f"unknown mteval {mteval!r}; expected one of {MTEVAL}")
+    return mteval
 
 
 def closest_ref_length(ref_lengths: Sequence[int], hyp_length: int) -> int:
@@ -112,15 +126,19 @@ def _clipped_counts(hyp_counts: Counter, refs_counts: Sequence[Counter]) -> dict
     return clipped
 
 
-def corpus_bleu(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], max_n: int = 4) -> float:
-    """Corpus BLEU exactly as mteval-v13a: BP * exp(sum_n log p_n / N), N = 4.
+def corpus_bleu(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], max_n: int = 4,
+                mteval: str = "perl") -> float:
+    """Corpus BLEU exactly as mteval-v13a (or, with mteval="python", pymteval): BP * exp(sum_n log p_n / N).
 
     p_n = (clipped n-gram matches) / (hypothesis n-grams), each summed over the whole corpus;
     clipping is by the largest count in any one reference. BP = exp(min(0, 1 - r / c)) with
     c = hypothesis tokens and r = the sum over segments of `closest_ref_length`.
-    mteval's smoothing applies at corpus level too (it only matters for tiny corpora): the k-th
-    order with no match gets p_n = 1 / (2^k * hypothesis n-grams), and an order with no
-    hypothesis n-grams at all gets p_n = 1. No hypothesis tokens at all gives 0.
+    The two differ only on tiny or very short outputs:
+    * mteval smooths: the k-th order with no match gets p_n = 1 / (2^k * hypothesis n-grams), an
+      order with no hypothesis n-grams at all gets p_n = 1, and no hypothesis tokens gives 0.
+    * pymteval counts len(hyp) - n + 1 n-grams per segment even when that is negative (a
+      two-word output *removes* one 4-gram from the corpus total), and floors a zero match
+      count at 1e-15 and a non-positive total at 1e-9 instead of smoothing.
     """
     matches, totals = [0] * max_n, [0] * max_n
     hyp_length = ref_length = 0
@@ -129,9 +147,13 @@ def corpus_bleu(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Toke
         for ngram, count in _clipped_counts(hyp_counts, [ngram_counts(r, max_n) for r in refs]).items():
             matches[len(ngram) - 1] += count
         for n in range(1, max_n + 1):
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
+            totals[n - 1] += len(hyp) - n + 1 if _check_mteval(mteval) == "python" else max(len(hyp) - n + 1, 0)
         hyp_length += len(hyp)
         ref_length += closest_ref_length([len(r) for r in refs], len(hyp))
+    if mteval == "python":
+        log_precision = sum(math.log(max(match, 1e-15) / max(total, 1e-9)) for match, total in zip(matches, totals))
+        brevity_penalty = math.exp(min(0.0, 1 - ref_length / (hyp_length or 1e-5)))
+        return math.exp(log_precision / max_n) * brevity_penalty
     if hyp_length == 0:
         return 0.0
     log_precision, smooth = 0.0, 1
@@ -169,31 +191,51 @@ def nist_length_penalty(ratio: float) -> float:
     return math.exp(-beta * math.log(ratio) ** 2)
 
 
-def corpus_nist(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], max_n: int = 5) -> float:
-    """Corpus NIST exactly as mteval-v13a: sum_n (info of clipped n-gram matches / hypothesis n-grams) * BP.
+def corpus_nist(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], max_n: int = 5,
+                mteval: str = "perl") -> float:
+    """Corpus NIST as the E2E scorer's mteval-v13a-sig.pl (or, with mteval="python", pymteval).
 
-    Sums run over the whole corpus, n = 1..5; `nist_information_weights` gives the information.
-    BP = `nist_length_penalty`(hypothesis words / average reference length), where the average is
-    (all reference words) / K and K is the *largest* number of references of any segment: the
-    E2E scorer pads every MR's reference set with empty references up to K, and mteval divides by
-    the number of reference sets. On E2E (up to 45 references per MR) the penalty is thus always 1.
+    NIST = sum_n (info of the clipped n-gram matches / hypothesis n-grams) * BP, sums over the
+    whole corpus, n = 1..5; `nist_information_weights` gives the information. BP is
+    `nist_length_penalty`(hypothesis words / average reference length), and the two scripts
+    average the reference length differently:
+    * Perl: (all reference words) / (average number of references per segment). The scorer pads
+      every MR's reference set with empty references up to the largest set; the E2E copy of the
+      script counts only the non-empty ones (`$nrefs++ if ( $ref_seg ne '' )`) and divides by
+      `$cum_ref_count / $cum_seg_count`.
+    * Python: the sum over segments of that segment's mean reference length.
+    They agree when every MR has the same number of references; on E2E (1 to 45 per MR) they
+    differ whenever the outputs are shorter than the references. pymteval also counts
+    len(hyp) - n + 1 n-grams per segment even when negative (see corpus_bleu) and divides by that
+    total without a floor: the official -p scorer stops with ZeroDivisionError when a total is 0,
+    and so does this function (with ValueError).
     """
+    python = _check_mteval(mteval) == "python"
     info = nist_information_weights(references, max_n)
     refs_counts = [[ngram_counts(r, max_n) for r in refs] for refs in references]
     matched_info, totals = [0.0] * max_n, [0] * max_n
-    hyp_words = ref_words = 0
+    hyp_words = ref_words = non_empty_refs = 0
+    mean_ref_lengths = 0.0
     for hyp, refs, ref_counts in zip(hypotheses, references, refs_counts, strict=True):
         for ngram, count in _clipped_counts(ngram_counts(hyp, max_n), ref_counts).items():
             matched_info[len(ngram) - 1] += info[ngram] * count
         for n in range(1, max_n + 1):
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
+            totals[n - 1] += len(hyp) - n + 1 if python else max(len(hyp) - n + 1, 0)
         hyp_words += len(hyp)
         ref_words += sum(len(r) for r in refs)
+        non_empty_refs += sum(1 for r in refs if r)
+        mean_ref_lengths += sum(len(r) for r in refs) / len(refs)
     if ref_words == 0:
         raise ValueError("NIST needs at least one non-empty reference")
-    n_ref_sets = max(len(refs) for refs in references)
+    if python:
+        if 0 in totals:
+            raise ValueError(f"the scorer's -p NIST divides by zero: the hypotheses hold 0 {totals.index(0) + 1}-grams "
+                             f"in all (pymteval counts len - n + 1 per segment, negative included)")
+        score = sum(m / t for m, t in zip(matched_info, totals))
+        return score * nist_length_penalty(hyp_words / mean_ref_lengths)
     score = sum(m / max(t, 1) for m, t in zip(matched_info, totals))
-    return score * nist_length_penalty(hyp_words / (ref_words / n_ref_sets))
+    refs_per_segment = non_empty_refs / len(references)
+    return score * nist_length_penalty(hyp_words / (ref_words / refs_per_segment))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,13 +521,23 @@ def _check_inputs(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
             raise ValueError(f"references[{i}] must be a non-empty list of str, got {refs!r:.80}")
 
 
-def e2e_scores(hypotheses: list[str], references: list[list[str]]) -> dict:
+def e2e_scores(hypotheses: list[str], references: list[list[str]], mteval: str = "perl") -> dict:
     """BLEU, NIST, METEOR, ROUGE_L and CIDEr of one hypothesis per MR against that MR's references.
 
     Same numbers and scale as tuetschek/e2e-metrics' measure_scores.py (BLEU, METEOR and
-    ROUGE_L in [0, 1]; NIST around 8 and CIDEr around 2 on E2E). METEOR is None when Java or
-    pycocoevalcap is missing; the key "METEOR_unavailable" then says why.
+    ROUGE_L in [0, 1]; NIST around 8 and CIDEr around 2 on E2E): mteval="perl" as
+    `measure_scores.py refs.txt outputs.txt`, the challenge's official scorer; mteval="python"
+    as `measure_scores.py refs.txt outputs.txt -p`, which the paper used. METEOR is None when Java
+    or pycocoevalcap is missing; the key "METEOR_unavailable" then says why (and likewise
+    "NIST_unavailable" where the -p scorer itself would fail, see corpus_nist).
     """
+    return e2e_scores_both(hypotheses, references, (_check_mteval(mteval),))[mteval]
+
+
+def e2e_scores_both(hypotheses: list[str], references: list[list[str]],
+                    mtevals: Sequence[str] = ("python", "perl")) -> dict[str, dict]:
+    """e2e_scores for each mteval in `mtevals`, as {mteval: scores}; METEOR, ROUGE_L and CIDEr
+    (the same in both) are computed once."""
     _check_inputs(hypotheses, references)
     # pycocoevalcap tokenizes all references (MR by MR) as one file and the hypotheses as another
     flat_refs = iter(ptb_tokenize([r for refs in references for r in refs]))
@@ -493,33 +545,50 @@ def e2e_scores(hypotheses: list[str], references: list[list[str]]) -> dict:
     hyp_ptb = ptb_tokenize(hypotheses)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         meteor_result = pool.submit(meteor, hyp_ptb, refs_ptb)  # Java loads its paraphrase table meanwhile
-        hyp_mteval = [mteval_tokenize(h) for h in hypotheses]
-        refs_mteval = [[mteval_tokenize(r) for r in refs] for refs in references]
-        scores = {
-            "BLEU": corpus_bleu(hyp_mteval, refs_mteval),
-            "NIST": corpus_nist(hyp_mteval, refs_mteval),
-            "METEOR": None,
-            "ROUGE_L": rouge_l(hyp_ptb, refs_ptb),
-            "CIDEr": cider_d(hyp_ptb, refs_ptb),
-        }
-        scores["METEOR"], meteor_problem = meteor_result.result()
+        by_mteval = {mteval: _bleu_and_nist(hypotheses, references, mteval) for mteval in mtevals}
+        coco = {"ROUGE_L": rouge_l(hyp_ptb, refs_ptb), "CIDEr": cider_d(hyp_ptb, refs_ptb)}
+        coco["METEOR"], meteor_problem = meteor_result.result()
     if meteor_problem is not None:
-        scores["METEOR_unavailable"] = meteor_problem
+        coco["METEOR_unavailable"] = meteor_problem
+    both = {}
+    for mteval, bleu_and_nist in by_mteval.items():
+        merged = bleu_and_nist | coco
+        both[mteval] = {name: merged.pop(name) for name in METRICS} | merged  # the five, then any "..._unavailable"
+    return both
+
+
+def _bleu_and_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], mteval: str) -> dict:
+    hyp_tokens = [mteval_tokenize(h, mteval) for h in hypotheses]
+    refs_tokens = [[mteval_tokenize(r, mteval) for r in refs] for refs in references]
+    scores = {"BLEU": corpus_bleu(hyp_tokens, refs_tokens, mteval=mteval)}
+    try:
+        scores["NIST"] = corpus_nist(hyp_tokens, refs_tokens, mteval=mteval)
+    except ValueError as error:  # -p on outputs so short that the official scorer would crash
+        scores["NIST"], scores["NIST_unavailable"] = None, str(error)
     return scores
 
 
-def format_scores(scores: dict, paper: dict = PAPER_GPT2_M_LORA) -> str:
+def format_scores(scores: dict, paper: dict = PAPER_GPT2_M_LORA, official: dict | None = None) -> str:
     """A small table of the scores next to the paper's GPT-2 M LoRA row, on the paper's scale.
 
     BLEU, METEOR and ROUGE-L are shown x100 as in the paper's Table 3; NIST and CIDEr as they are.
+    `scores` should be in the paper's convention (e2e_scores(..., mteval="python")); `official`,
+    if given, the challenge's (mteval="perl"), shown in a third column.
     """
     def show(name: str, value: float | None) -> str:
         if value is None:
             return "n/a"
         return f"{100 * value:.1f}" if name in ("BLEU", "METEOR", "ROUGE_L") else f"{value:.2f}"
 
-    rows = [f"{'metric':<8} {'ours':>6} {'paper':>6}"]
-    rows += [f"{name:<8} {show(name, scores.get(name)):>6} {show(name, paper[name]):>6}" for name in METRICS]
-    if "METEOR_unavailable" in scores:
-        rows.append(f"(METEOR n/a: {scores['METEOR_unavailable']})")
+    rows = [f"{'metric':<8} {'ours':>6} {'paper':>6}" + (f" {'Perl':>6}" if official else "")]
+    rows += [f"{name:<8} {show(name, scores.get(name)):>6} {show(name, paper[name]):>6}"
+             + (f" {show(name, official.get(name)):>6}" if official else "") for name in METRICS]
+    if official:
+        rows += ["ours: scored as the paper scored (measure_scores.py -p, its Python mteval); "
+                 "paper: Table 3, GPT-2 M + LoRA;",
+                 "Perl: the E2E challenge's official scorer (measure_scores.py, Perl mteval); "
+                 "only BLEU and NIST can differ."]
+    for name in ("METEOR", "NIST"):
+        for problem in {scores.get(f"{name}_unavailable"), (official or {}).get(f"{name}_unavailable")} - {None}:
+            rows.append(f"({name} n/a: {problem})")
     return "\n".join(rows)

@@ -17,7 +17,6 @@ Radford et al., 2019, "Language Models are Unsupervised Multitask Learners" (GPT
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +268,29 @@ def build_attn_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
     return mask
 
 
+def positions_and_mask(idx: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids, (1, T) or (B, T), of the T new tokens in idx, and the attention mask for them
+    (None: plain causal attention). With a cache, records which of the new keys are real tokens."""
+    B, T = idx.shape
+    past = cache.length if cache is not None else 0
+    # Which keys are real tokens: all of them, unless the caller padded.
+    key_mask = None
+    if cache is not None:
+        new = attention_mask.bool() if attention_mask is not None else idx.new_ones(B, T, dtype=torch.bool)
+        cache.key_mask[:, past : past + T] = new
+        key_mask = cache.key_mask[:, : past + T]
+    elif attention_mask is not None:
+        key_mask = attention_mask.bool()
+
+    if key_mask is None:
+        return torch.arange(past, past + T, device=idx.device).unsqueeze(0), None  # (1, T)
+    # Positions count real tokens only, so a left-padded prompt is positioned exactly
+    # like the same prompt without padding.
+    pos = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+    return pos, build_attn_mask(key_mask, T)
+
+
 # -----------------------------------------------------------------------------
 # 6. The model
 
@@ -287,6 +309,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.gradient_checkpointing = False  # recompute block activations in backward to save memory
+        # Named adapters kept beside the active one, and its name (see lora_min/adapters.py). A plain
+        # dict: a resident adapter's tensors are not parameters of the model.
+        self.resident_adapters: dict = {}
+        self.active_adapter: str | None = None
         # Each weight W, (out, in), lies in memory as its transpose, (in, out), the layout GPT-2's
         # own Conv1D uses: x W^T then reads W^T row by row, which MKL runs 1.1-1.7x faster for the
         # 1-80 rows of a decoding step (benchmarks/decode.py). Shapes and values are those of
@@ -338,24 +364,7 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
 
-        # Which keys are real tokens: all of them, unless the caller padded.
-        key_mask = None
-        if cache is not None:
-            new = attention_mask.bool() if attention_mask is not None else idx.new_ones(B, T, dtype=torch.bool)
-            cache.key_mask[:, past : past + T] = new
-            key_mask = cache.key_mask[:, : past + T]
-        elif attention_mask is not None:
-            key_mask = attention_mask.bool()
-
-        if key_mask is None:
-            pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
-            attn_mask = None
-        else:
-            # Positions count real tokens only, so a left-padded prompt is positioned exactly
-            # like the same prompt without padding.
-            pos = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-            attn_mask = build_attn_mask(key_mask, T)
-
+        pos, attn_mask = positions_and_mask(idx, attention_mask, cache)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
         for block in self.h:
             if self.gradient_checkpointing and self.training:
@@ -399,6 +408,32 @@ class GPT(nn.Module):
                 weight.copy_((weight.float() - update.delta_weight()).to(weight.dtype))
                 update.merged = False
 
+    # --- mixed precision ----------------------------------------------------------------
+
+    def cast_frozen_base(self, dtype: torch.dtype) -> None:
+        """Keep every frozen nn.Linear (weight and bias) in `dtype`, bf16 or fp16, for training or
+        decoding under autocast to that dtype: the matmuls see the very same numbers.
+
+        Autocast caches its casts only for weights that require grad, so it would re-cast each
+        frozen float32 weight at every forward (gpt2-medium: ~2 GB of memory traffic per step)
+        and keep the copies for backward (24 MiB per layer). What trains stays float32, and so
+        does its optimizer state: LoRA's A and B (with full fine-tuning nothing is frozen, and
+        this does nothing). LayerNorms, the position embedding and so the residual stream stay
+        float32; the token embedding, tied to the LM head, is looked up in `dtype`.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                module.to(dtype)  # in place: the LM head stays tied to the token embedding
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype attention computes keys and values in: autocast's when it is on (for our
+        device), else the weights'. A KVCache holds them in it: a float32 cache under bf16
+        autocast would take twice the memory and be re-cast whole at every decoding step."""
+        device_type = self.wte.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.wte.weight.dtype
+
     # --- loading the official checkpoints ------------------------------------------------
 
     @classmethod
@@ -408,7 +443,7 @@ class GPT(nn.Module):
         """Load official GPT-2 weights: a name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'),
         downloaded once from the Hugging Face hub, or a local model.safetensors /
         pytorch_model.bin file or a folder holding one."""
-        from lora_min.weights import load_checkpoint, resolve_checkpoint
+        from lora_min.weights import config_for_checkpoint, load_checkpoint, resolve_checkpoint
 
         path = resolve_checkpoint(str(name_or_path), cache_dir)
         state = load_checkpoint(path)
@@ -430,60 +465,19 @@ class GPT(nn.Module):
         The official checkpoints come from a Conv1D layer that stores weights as (in, out);
         nn.Linear stores (out, in), so those four matrices per block are transposed.
         """
-        state = {k.removeprefix("transformer."): v for k, v in state.items() if not is_ignored_key(k)}
+        from lora_min.weights import checked_base_state
+
         own = {k: v for k, v in self.state_dict().items() if not is_lora_param(k) and k != "lm_head.weight"}
-        missing = sorted(own.keys() - state.keys())
-        unexpected = sorted(state.keys() - own.keys())
-        if missing or unexpected:
-            raise KeyError(
-                f"{source}: does not match GPT-2 {self.config}: "
-                f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        for key, value in state.items():
-            if key.endswith(CONV1D_WEIGHTS):
-                value = value.t()
-            if value.shape != own[key].shape:
-                raise ValueError(
-                    f"{source}: key {key!r} has shape {tuple(value.shape)} (after transposing "
-                    f"Conv1D weights), the model expects {tuple(own[key].shape)}"
-                )
-            own[key].copy_(value)
+        for key, value in checked_base_state(state, own, source, self.config).items():  # our names, shapes checked
+            own[key].copy_(value.t() if key.endswith(CONV1D_WEIGHTS) else value)
 
 
 # Names of the official Conv1D weights, stored (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def is_ignored_key(key: str) -> bool:
-    """Keys of official checkpoints that hold no weights of ours: the tied LM head and the
-    causal-mask buffers that older transformers versions saved."""
-    return key.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))
-
-
 def is_lora_param(name: str) -> bool:
     return ".lora." in name
-
-
-def config_for_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> GPTConfig:
-    """The configuration from a config.json beside the weights, else from the tensor shapes."""
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    if config_file.is_file():
-        hf = json.loads(config_file.read_text())
-        try:
-            return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                             vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
-        except KeyError as err:
-            raise KeyError(f"{config_file}: missing key {err} of a GPT-2 config") from None
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in state:
-            raise KeyError(f"{path}: no {key!r}; is this a GPT-2 checkpoint?")
-    vocab_size, n_embd = state["wte.weight"].shape
-    n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
-    # Every official size uses 64-dimensional heads.
-    return GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
-                     vocab_size=vocab_size, block_size=state["wpe.weight"].shape[0])
 
 
 # -----------------------------------------------------------------------------

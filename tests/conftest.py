@@ -1,4 +1,8 @@
-"""Shared test set-up: hypothesis profiles and where the real E2E files live."""
+"""Shared test set-up: hypothesis profiles and where the real E2E files live.
+
+No TIKTOKEN_CACHE_DIR here: lora_min ships GPT-2's BPE (lora_min/tokenizer.py), so the suite
+tokenizes offline as a user's machine does; test_tokenizer.py points tiktoken at
+../shared/tiktoken-cache itself for its reference Encoding."""
 import os
 from pathlib import Path
 
@@ -8,10 +12,6 @@ from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-# Offline machines (CI) find the GPT-2 BPE files beside the checkout.
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 
 # Property tests run a modest number of examples by default so the suite stays
 # fast on 2 CPU cores; `HYPOTHESIS_PROFILE=thorough pytest` runs many more.

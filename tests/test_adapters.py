@@ -137,6 +137,38 @@ def test_truncated_tampered_or_foreign_files_are_rejected(tmp_path):
         load_adapter(model, tmp_path / "plain.safetensors")
 
 
+@pytest.mark.parametrize("edit, problem", [
+    ({"lora_r": "four"}, "bad LoRA settings in the adapter metadata: invalid literal for int"),
+    ({"lora_r": "9" * 10_000}, "bad LoRA settings in the adapter metadata: Exceeds the limit"),
+    ({"lora_alpha": "nan"}, "LoRAConfig.alpha must be positive"),
+    ({"lora_targets": "q,x"}, "LoRAConfig.targets must be distinct"),
+    ({"base_config": "{"}, "'base_config' is not JSON"),
+    ({"base_config": "[1]"}, "'base_config' is not a JSON object"),
+    ({"base_model": None}, "adapter metadata lacks base_model"),
+])
+def test_bad_metadata_under_a_valid_checksum_is_named(tmp_path, edit, problem):
+    """Whoever edits the metadata and recomputes the checksum gets a one-line error naming the file."""
+    tensors = lora_state_dict(lora_model(LoRAConfig()))
+    path = tmp_path / "edited.safetensors"
+    adapters.write_adapter(path, tensors, LoRAConfig(), CONFIG, "gpt2")
+    metadata = {k: v for k, v in {**read_safetensors(path)[1], **edit}.items() if v is not None}
+    metadata["checksum_sha256"] = adapters.adapter_checksum(tensors, metadata)
+    write_safetensors(path, tensors, metadata)
+    for load in (read_adapter_metadata, lambda p: load_adapter(lora_model(LoRAConfig()), p)):
+        with pytest.raises(ValueError, match=problem) as info:
+            load(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_an_adapter_with_nan_values_loads_with_a_warning(tmp_path):
+    model = lora_model(LoRAConfig())
+    with torch.no_grad():
+        model.h[1].attn.lora["v"].B[0, 0] = float("nan")
+    save_adapter(model, tmp_path / "nan.safetensors")
+    with pytest.warns(UserWarning, match=r"nan.safetensors: 1 tensor\(s\) hold NaN or inf values, first 'h.1.attn.lora.v.B'"):
+        load_adapter(lora_model(LoRAConfig()), tmp_path / "nan.safetensors")
+
+
 def test_extra_metadata_cannot_override_the_format(tmp_path):
     with pytest.raises(ValueError, match="'lora_r' is reserved"):
         save_adapter(lora_model(LoRAConfig()), tmp_path / "a.safetensors", extra_metadata={"lora_r": "8"})
@@ -186,7 +218,7 @@ def test_set_adapter_gives_each_adapters_logits_without_touching_the_base(swap_s
         assert server.lora_config == ADAPTER_CONFIGS[name] and server.active_adapter == name
         assert torch.equal(logits(server), logits(references[name]))
         # The active adapter's tensors are the resident ones (rebound, not copied).
-        resident = adapters.resident_adapters(server)[name].layers[0]
+        resident = server.resident_adapters[name].layers[0]
         assert all(server.h[0].attn.lora[t] is resident[t] for t in ADAPTER_CONFIGS[name].targets)
     with disable_adapters(server):
         assert torch.equal(logits(server), base_logits)
@@ -223,7 +255,7 @@ def test_add_adapter_checks_and_names(swap_setup, tmp_path):
     with pytest.raises(ValueError, match="is active"):
         remove_adapter(server, "qv")
     remove_adapter(server, "ko")
-    assert sorted(adapters.resident_adapters(server)) == ["all", "qv"]
+    assert sorted(server.resident_adapters) == ["all", "qv"]
     # From tensors in memory, e.g. the model just trained.
     trained = lora_model(LoRAConfig(r=2, targets=("v",)), seed=9)
     add_adapter(server, "mine", lora_state_dict(trained), config=trained.lora_config)
@@ -308,6 +340,13 @@ def test_mixed_batch_refuses_a_batch_of_another_size(swap_setup):
     server, _ = swap_setup
     with mixed_adapters(server, ["qv", "ko"]), pytest.raises(ValueError, match="2 adapter names but the batch has 3"):
         server(torch.zeros(3, 4, dtype=torch.long))
+    # Also when no row names an adapter (no per-row update would notice), and for no names at all.
+    with mixed_adapters(server, [None]), pytest.raises(ValueError, match="1 adapter names but the batch has 2"):
+        server(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="one adapter name \\(or None\\) per batch row; got no names"):
+        with mixed_adapters(server, []):
+            server(torch.zeros(2, 4, dtype=torch.long))
+    server(torch.zeros(3, 4, dtype=torch.long))  # the check leaves with the block
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +440,33 @@ def test_import_peft_names_what_lora_min_cannot_express(hf_base, tmp_path):
         import_peft(tmp_path / "bias", CONFIG)
 
 
+def test_import_peft_refuses_an_adapter_made_for_fewer_layers(hf_base, tmp_path):
+    peft_trained_elsewhere(hf_base, tmp_path / "peft", r=2, target_modules=["c_attn"])  # for the 2-layer base
+    deeper = GPTConfig(n_layer=3, n_head=2, n_embd=16, vocab_size=50, block_size=32)
+    with pytest.raises(ValueError, match=r"attn.c_attn has LoRA tensors for layers \[0, 1\], but "
+                                         r"adapter_config.json says layers \[0, 1, 2\] of this 3-layer base"):
+        import_peft(tmp_path / "peft", deeper)
+
+
+@pytest.mark.parametrize("config_text, problem", [
+    ('{"peft_type": "LORA", "r": 2,', "adapter_config.json: not valid JSON"),
+    ('["LORA"]', "adapter_config.json: not a JSON object"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": "eight"}', "lora_alpha for transformer.h.0.attn.c_attn is 'eight'"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "lora_dropout": "none"}', "lora_dropout is 'none'"),
+])
+def test_a_corrupt_adapter_config_json_is_named(hf_base, tmp_path, config_text, problem, capsys):
+    peft_trained_elsewhere(hf_base, tmp_path / "peft", r=2, target_modules=["c_attn"])
+    (tmp_path / "peft" / "adapter_config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=problem) as info:
+        import_peft(tmp_path / "peft", CONFIG)
+    assert str(tmp_path / "peft") in str(info.value) and "\n" not in str(info.value)
+    capsys.readouterr()  # drop what making the PEFT adapter printed
+    with pytest.raises(SystemExit) as exit_info:  # the command prints the same one line
+        adapters.main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"), "--base", str(hf_base)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"python -m lora_min.adapters import-peft: error: {info.value}\n"
+
+
 def test_export_merged_loads_in_transformers_with_the_same_logits(hf_base, tmp_path):
     model = GPT.from_pretrained(hf_base, lora=LoRAConfig(r=2, alpha=5, targets=("q", "k", "v", "o")))
     randomize_lora(model, 7).eval()
@@ -434,3 +500,26 @@ def test_cli(hf_base, tmp_path, capsys):
     adapters.main(["export-merged", str(tmp_path / "a.safetensors"), str(tmp_path / "merged")])
     with torch.no_grad():
         assert max_diff(hf_model(tmp_path / "merged")(TOKENS).logits, logits(model)) < 1e-5
+
+
+@pytest.mark.parametrize("command", ["info", "export-peft", "import-peft", "export-merged"])
+def test_cli_help_explains_every_argument(command, capsys):
+    with pytest.raises(SystemExit):
+        adapters.main([command, "--help"])
+    usage = capsys.readouterr().out
+    positionals = usage.split("positional arguments:\n")[1].split("\n\n")[0].splitlines()
+    names = [line.split()[0] for line in positionals if line.startswith("  ") and not line.startswith("   ")]
+    assert names  # each has a help text: on its line, or on the next, indented further
+    for i, line in enumerate(positionals):
+        if line.split()[0] in names:
+            assert len(line.split()) > 1 or positionals[i + 1].startswith("   "), line
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "not-an-adapter.safetensors").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        adapters.main(["export-merged", str(tmp_path / "not-an-adapter.safetensors"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m lora_min.adapters export-merged: error: {tmp_path / 'not-an-adapter.safetensors'}")
+    assert not (tmp_path / "out").exists()

@@ -23,8 +23,9 @@ from lora_min import data
 from lora_min.data import (
     DEMO_DIR, E2E_SHA256, EOT, PAD_ID, SPLIT_FILES, DownloadError, E2EFormatError, Example,
     batch_plan, collate, decode, decode_completion, download_e2e, encode_example, encode_prompt,
-    ensure_e2e, format_mr, get_tokenizer, group_references, iterate_batches, load_split,
-    make_examples, masked_lm_loss, num_batches, parse_mr, read_e2e_csv, resolve_e2e_dir, shard,
+    ensure_e2e, format_mr, format_ref, get_tokenizer, group_references, iterate_batches, load_split,
+    make_examples, masked_lm_loss, num_batches, paper_file, paper_words, parse_mr, read_e2e_csv,
+    references_for_scoring, resolve_e2e_dir, shard,
 )
 
 # ------------------------------------------------------------------ real data (../shared/e2e)
@@ -67,14 +68,59 @@ def test_real_files_match_pinned_sha256(e2e_dir):
         assert hashlib.sha256((e2e_dir / name).read_bytes()).hexdigest() == expected
 
 
-def test_real_format_decode_round_trip(e2e_dir):
+@pytest.mark.parametrize("text", ["paper", "raw-csv"])
+def test_real_format_decode_round_trip(e2e_dir, text):
     pairs = read_real(e2e_dir / "devset.csv")
     for mr, ref in pairs:
-        example = encode_example(mr, ref)
-        clean_ref = " ".join(ref.split())
-        assert decode(example.input_ids) == f"{format_mr(mr)}<|endoftext|> {clean_ref}<|endoftext|>"
-        assert list(example.input_ids[:example.n_prompt]) == encode_prompt(mr)
-        assert decode_completion(example.input_ids[example.n_prompt:]) == clean_ref
+        example = encode_example(mr, ref, text)
+        completion = format_ref(ref, text)
+        assert decode(example.input_ids) == f"{format_mr(mr, text)}<|endoftext|> {completion}<|endoftext|>"
+        assert list(example.input_ids[:example.n_prompt]) == encode_prompt(mr, text)
+        assert decode_completion(example.input_ids[example.n_prompt:]) == completion.strip()
+
+
+# ------------------------------------------------------------------ the paper's text
+
+@pytest.mark.parametrize("csv_name, split, paper_name", [("devset.csv", "dev", "valid.txt"),
+                                                         ("testset_w_refs.csv", "test", "test.txt")])
+def test_paper_text_is_microsoft_loras_file_byte_for_byte(e2e_dir, shared_dir, csv_name, split, paper_name):
+    """microsoft/LoRA's examples/NLG/data/e2e/{valid,test}.txt (git blob 94f87112..., 084da9f4...)."""
+    ours = paper_file(read_real(e2e_dir / csv_name), split).encode("utf-8")
+    assert ours == (shared_dir / "e2e-paper" / paper_name).read_bytes()
+
+
+def test_paper_words_rule_by_rule():
+    # step 1: punctuation off the ends, outside in
+    assert paper_words("Blue Spice. '5 out of 5', £20-25.") == \
+        ["Blue", "Spice", ".", "'", "5", "out", "of", "5", "'", ",", "£", "20", "-", "25", "."]
+    assert paper_words("center., non- -friendly £.") == ["center", ".", ",", "non-", "-friendly", "£", "."]
+    assert paper_words("rated 1 out of 5. in the city", "dev") == ["rated", "1", "out", "of", "5.", "in", "the", "city"]
+    assert paper_words("rated 1 out of 5. in the city", "test")[4:6] == ["5", "."]
+    assert paper_words("rated 5. It is") == ["rated", "5", ".", "It", "is"]  # a capital: a sentence end
+    # step 2: clitics, and the one the two tools split differently
+    assert paper_words("It's you'll") == ["It", "'s", "you", "'ll"]
+    assert paper_words("isn't won't", "train") == ["isn", "'t", "won", "'t"]
+    assert paper_words("isn't won't thats", "test") == ["is", "n't", "wo", "n't", "that", "s"]
+    assert paper_words("thats", "dev") == ["thats"]
+    # step 3: hyphens, commas and (train and dev) pound signs and dots inside a word
+    assert paper_words("family-friendly 20-25 Cricketers,located 30.99 L30") == \
+        ["family", "-", "friendly", "20", "-", "25", "Cricketers", ",", "located", "30.99", "L30"]
+    assert paper_words("5-star is£20-25 £20-£25 ratings...but", "train") == \
+        ["5", "-", "star", "is", "£", "20", "-", "25", "£", "20-", "£", "25", "ratings", "...", "but"]
+    assert paper_words("5-star of£20-£30 £20-£25", "test") == ["5-star", "of£20-£30", "£", "20-£25"]
+    with pytest.raises(ValueError, match="unknown E2E split 'valid'"):
+        paper_words("a", "valid")
+
+
+def test_paper_mr_and_completion():
+    mr = "name[Blue Spice], eatType[coffee shop], priceRange[£20-25], familyFriendly[yes]"
+    assert format_mr(mr) == "name : Blue Spice | Type : coffee shop | price : £ 20 - 25 | family friendly : yes"
+    assert format_mr(mr, "raw-csv") == "name : Blue Spice | Type : coffee shop | price : £20-25 | family friendly : yes"
+    assert format_ref("It's  a café.\n") == "It 's a café . "  # the files' lines end in a space
+    assert format_ref("It's  a café.\n", "raw-csv") == "It's a café."
+    assert references_for_scoring(["It's a café."]) == ["It 's a café ."]  # gpt2_decode.py strips
+    with pytest.raises(ValueError, match="unknown text 'csv'"):
+        format_mr(mr, "csv")
 
 
 # ------------------------------------------------------------------ download
@@ -99,7 +145,8 @@ def serve(directory: Path):
 
 
 def assert_left_nothing(dest: Path) -> None:
-    assert list(dest.iterdir()) == [], f"left behind: {list(dest.iterdir())}"
+    """A failed download into a new folder leaves not even the folder; into an existing one, nothing new."""
+    assert not dest.exists() or list(dest.iterdir()) == [], f"left behind: {list(dest.iterdir())}"
 
 
 def test_download_and_extract_real_zip(shared_dir, tmp_path):
@@ -170,7 +217,7 @@ def test_download_offline_fails_fast_and_says_what_to_do(tmp_path):
     message = str(err.value)
     assert str(dest) in message and "by hand" in message and "LORA_MIN_E2E_DIR" in message
     assert all(name in message for name in E2E_SHA256)
-    assert_left_nothing(dest)
+    assert not dest.exists()  # not even an empty data folder
 
 
 def test_resolve_e2e_dir_precedence(monkeypatch, tmp_path):
@@ -212,6 +259,7 @@ def write(tmp_path: Path, content: str | bytes, name: str = "bad.csv") -> Path:
     ('mr,ref\n"name[A]","two\nlines"\n"name[B]",Fine.\n"name[C]"\n', 5, "2 columns"),  # quoted newline
     ('mr,ref\n"name[A]",Fine.\n"name[B]","never closed\n', 3, "unexpected end of data"),
     ("", 1, "empty file"),
+    ("mr,ref\n", 2, "no rows after the header"),  # training would run 0 steps, scoring divide by 0
 ])
 def test_bad_csv_names_file_and_line(tmp_path, content, line, why):
     path = write(tmp_path, content)
@@ -256,21 +304,27 @@ def test_load_split_rejects_unknown_split():
 
 # ------------------------------------------------------------------ tokenizer and formatting
 
-def test_tokenizer_is_gpt2_and_cached():
+def test_tokenizer_is_gpt2():
     enc = get_tokenizer()
-    assert enc is get_tokenizer()
-    assert enc.n_vocab == 50257 and enc.eot_token == EOT == PAD_ID == 50256
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT == 50256
 
 
 def test_format_follows_microsoft_lora():
     mr = "name[The Vaults], eatType[pub], priceRange[more than £30], familyFriendly[yes]"
-    assert format_mr(mr) == "name : The Vaults | Type : pub | price : more than £30 | family friendly : yes"
+    assert format_mr(mr) == "name : The Vaults | Type : pub | price : more than £ 30 | family friendly : yes"
     enc = get_tokenizer()
     example = encode_example(mr, "The Vaults is a pub.\n  Kids welcome. ")
     prompt = enc.encode_ordinary(format_mr(mr)) + [EOT]  # context + separator (gpt2_encode.py --add_bos)
-    completion = enc.encode_ordinary(" The Vaults is a pub. Kids welcome.") + [EOT]  # ' ' + ref (--add_eos)
+    completion = enc.encode_ordinary(" The Vaults is a pub . Kids welcome . ") + [EOT]  # ' ' + completion (--add_eos)
     assert example == Example(tuple(prompt + completion), len(prompt))
     assert encode_prompt(mr) == prompt
+    raw = encode_example(mr, "The Vaults is a pub.\n  Kids welcome. ", "raw-csv")  # whitespace runs collapsed
+    assert raw.input_ids[raw.n_prompt:] == tuple(enc.encode_ordinary(" The Vaults is a pub. Kids welcome.") + [EOT])
+
+
+def test_decode_completion_cuts_as_gpt2_decode_does():
+    enc = get_tokenizer()
+    assert decode_completion(enc.encode_ordinary(" A pub . \n\nName : x") + [EOT] + [11]) == "A pub ."
 
 
 def test_special_token_text_is_not_injected():

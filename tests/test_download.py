@@ -1,6 +1,7 @@
 """download_file against a real HTTP server on 127.0.0.1 (never any other address)."""
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -81,7 +82,7 @@ def test_sha_mismatch_leaves_nothing(server, tmp_path):
     message = str(info.value)
     assert "sha256 mismatch" in message and str(out / "payload.bin") in message
     assert wrong in message and hashlib.sha256(PAYLOAD).hexdigest() in message
-    assert leftovers(out) == []
+    assert not out.exists()  # not even the folder made for it
 
 
 def test_sha_mismatch_keeps_previous_file(server, tmp_path):
@@ -119,6 +120,15 @@ def test_connection_refused_fails_fast_with_hint(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_failed_download_leaves_no_new_folders(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kept.txt").write_text("was here before")
+    url = f"http://127.0.0.1:{closed_port()}/model.safetensors"
+    with pytest.raises(DownloadError):
+        download_file(url, tmp_path / "cache" / "gpt2" / "sub" / "model.safetensors")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["cache", "cache/kept.txt"]
+
+
 def test_silent_server_times_out(tmp_path):
     """A server that accepts the connection but never answers: `timeout` bounds the wait."""
     with socket.socket() as listener:
@@ -138,6 +148,9 @@ def test_file_url(tmp_path):
     dest = download_file(source.as_uri(), tmp_path / "copy.bin",
                          sha256=hashlib.sha256(PAYLOAD).hexdigest())
     assert dest.read_bytes() == PAYLOAD
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0o600
 
 
 def test_missing_file_url(tmp_path):

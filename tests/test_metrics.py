@@ -1,12 +1,14 @@
 """Tests for lora_min/metrics.py.
 
-Hand-computed tiny cases pin each formula. On the real E2E test set (630 MRs, 4,693 references) and
-the outputs of four published systems in ../shared, every metric is compared with a reference
-implementation, and all five with the numbers the official scorer's own code gives.
+Hand-computed tiny cases pin each formula. On the real E2E test set (630 MRs, 4,693 references),
+the outputs of four published systems in ../shared and variants of them where the brevity
+penalties bite, all five metrics are compared, in both conventions, with the figures the official
+scorer printed when run whole; single metrics are also compared with reference implementations.
 """
 import csv
 import functools
 import math
+import random
 import shutil
 import stat
 from pathlib import Path
@@ -16,37 +18,79 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lora_min import metrics
+from lora_min.data import EOT, decode_completion, get_tokenizer, group_references, paper_words, read_e2e_csv
+from lora_min.data import references_for_scoring
 from lora_min.metrics import (
-    PAPER_GPT2_M_LORA, closest_ref_length, corpus_bleu, corpus_nist, cider_d, e2e_scores, format_scores,
-    lcs_length, meteor, mteval_tokenize, nist_length_penalty, ptb_tokenize, rouge_l,
+    PAPER_GPT2_M_LORA, closest_ref_length, corpus_bleu, corpus_nist, cider_d, e2e_scores, e2e_scores_both,
+    format_scores, lcs_length, meteor, mteval_tokenize, nist_length_penalty, ptb_tokenize, rouge_l,
 )
 
 SYSTEMS = ("tgen-std", "tgen-plus", "tgen-minus", "sclstm")
 
-# What the official scorer's own code gives on ../shared/e2e-system-outputs/*.run0.txt, measured once:
-# BLEU and NIST from the reading and scoring subs of e2e-metrics' mteval/mteval-v13a-sig.pl (Perl; run
-# outside this repository, without its report printing) on the .sgm files measure_scores.py writes,
-# references padded to 45 per MR; METEOR, ROUGE_L and CIDEr from pycocoevalcap 1.2 exactly as
-# COCOEvalCap.evaluate runs it (the Java Stanford PTBTokenizer, then Meteor, Rouge, Cider).
-# No per-file scores were ever published for these outputs (the INLG 2019 paper gives means over five
-# runs; the challenge's TGen baseline, 0.6593 / 8.6094 / 0.4483 / 0.6850 / 2.2338, is another output).
-OFFICIAL = {
-    "tgen-std": {"BLEU": 0.661611571056, "NIST": 8.544574367881, "METEOR": 0.45037719661473585,
-                 "ROUGE_L": 0.6914074581493157, "CIDEr": 2.231178075403627},
-    "tgen-plus": {"BLEU": 0.667169383142, "NIST": 8.571960966507, "METEOR": 0.4566185850099081,
-                  "ROUGE_L": 0.697650647523992, "CIDEr": 2.293902850596846},
-    "tgen-minus": {"BLEU": 0.637975017335, "NIST": 8.573700332165, "METEOR": 0.4225774814386599,
-                   "ROUGE_L": 0.6892662629243319, "CIDEr": 2.0084282981628543},
-    "sclstm": {"BLEU": 0.417488947244, "NIST": 6.171864358673, "METEOR": 0.3505640571140043,
-               "ROUGE_L": 0.523989911680006, "CIDEr": 1.0062197844128409},
+# ---------------------------------------------------------------------------- the official scorer's figures
+# Each figure below was printed by the official E2E scorer, run whole as a user runs it:
+# tuetschek/e2e-metrics at commit 1b9c4d8 (measure_scores.py, its mteval/mteval-v13a-sig.pl under perl 5.36
+# with Debian's libxml-twig-perl, its own pycocoevalcap copy with meteor-1.5.jar, paraphrase-en.gz and
+# stanford-corenlp-3.4.1.jar from pip's pycocoevalcap 1.2, which have the same git blob hashes as the files
+# its repository lists; pip's future and scikit-image for its imports; Python 3.11, java 17), in both modes:
+#
+#     python measure_scores.py REFS OUTPUTS       -> "perl"   (the E2E challenge's official scorer)
+#     python measure_scores.py REFS OUTPUTS -p    -> "python" (microsoft/LoRA's step 4: the paper's numbers)
+#
+# It prints four decimals (BLEU, NIST, METEOR, ROUGE_L, CIDEr), hence OFFICIAL_DIGITS. REFS and OUTPUTS per case:
+#   tgen-std, tgen-plus, tgen-minus, sclstm: REFS = ../shared/e2e/testset_w_refs.csv,
+#       OUTPUTS = ../shared/e2e-system-outputs/<name>.run0.txt
+#   every other case: the files `case(...)` below builds, written as the scorer reads them (OUTPUTS one
+#       line per MR; REFS one reference per line, a blank line between MRs)
+#   paper-*: microsoft/LoRA's own step 3, `python src/gpt2_decode.py --vocab ./vocab --sample_file S.jsonl
+#       --input_file test_formatted.jsonl --output_ref_file e2e_ref.txt --output_pred_file e2e_pred.txt`
+#       (test_formatted.jsonl from `python src/format_converting_e2e.py ../shared/e2e-paper/test.txt ...`,
+#       S.jsonl holding the token ids `paper_case` decodes), then REFS = e2e_ref.txt, OUTPUTS = e2e_pred.txt.
+OFFICIAL = {  # (case, mteval): (BLEU, NIST, METEOR, ROUGE_L, CIDEr)
+    ("tgen-std", "perl"): (0.6616, 8.5446, 0.4504, 0.6914, 2.2312),
+    ("tgen-std", "python"): (0.6616, 8.5446, 0.4504, 0.6914, 2.2312),
+    ("tgen-plus", "perl"): (0.6672, 8.5720, 0.4566, 0.6977, 2.2939),
+    ("tgen-plus", "python"): (0.6672, 8.5720, 0.4566, 0.6977, 2.2939),
+    ("tgen-minus", "perl"): (0.6380, 7.9623, 0.4226, 0.6893, 2.0084),  # outputs shorter than the references:
+    ("tgen-minus", "python"): (0.6380, 7.7740, 0.4226, 0.6893, 2.0084),  # NIST's length penalties differ
+    ("sclstm", "perl"): (0.4175, 6.1719, 0.3506, 0.5240, 1.0062),
+    ("sclstm", "python"): (0.4175, 6.1719, 0.3506, 0.5240, 1.0062),
+    ("paper-tgen-std-full", "perl"): (0.6724, 8.6107, 0.4504, 0.6938, 2.2810),
+    ("paper-tgen-std-full", "python"): (0.6724, 8.6106, 0.4504, 0.6938, 2.2810),
+    ("paper-sclstm-truncated", "perl"): (0.2180, 0.8133, 0.1901, 0.3548, 0.5536),  # half of each output,
+    ("paper-sclstm-truncated", "python"): (0.2234, 0.7609, 0.1901, 0.3548, 0.5536),  # every 7th empty
+    # the first three words of each output: NIST's penalty leaves nothing; with -p the scorer itself stops with
+    # ZeroDivisionError (no output has a 4-gram), where e2e_scores reports NIST None and says why
+    ("first-3-words", "perl"): (0.0024, 0.0000, 0.0654, 0.2408, 0.1148),
+    ("every-5th-empty", "perl"): (0.5481, 7.2398, 0.3693, 0.5507, 1.7648),
+    ("every-5th-empty", "python"): (0.5571, 7.0905, 0.3693, 0.5507, 1.7648),
+    ("single-ref", "perl"): (0.3233, 5.1255, 0.3675, 0.4923, 1.9291),  # one reference per MR
+    ("sclstm-20-short", "perl"): (0.3600, 4.0328, 0.3229, 0.5055, 1.2979),
+    ("sclstm-20-short", "python"): (0.3600, 4.8675, 0.3229, 0.5055, 1.2979),
+    ("varied-refs-50", "perl"): (0.2221, 0.5697, 0.2839, 0.4797, 1.4412),  # 1 to 4 references per MR
+    ("varied-refs-50", "python"): (0.2221, 0.8449, 0.2839, 0.4797, 1.4412),
+    ("random-0", "perl"): (0.3983, 4.7736, 0.3059, 0.4553, 1.2350),
+    ("random-0", "python"): (0.4116, 4.5349, 0.3059, 0.4553, 1.2350),
+    ("random-1", "perl"): (0.0453, 0.2329, 0.1479, 0.2660, 0.2402),  # 3 MRs, one output empty
+    ("random-1", "python"): (0.0000, 0.2351, 0.1479, 0.2660, 0.2402),  # pymteval does not smooth BLEU
+    ("random-3", "perl"): (0.1748, 0.7564, 0.1924, 0.2741, 1.0762),  # 5 MRs, short and empty outputs
+    ("random-3", "python"): (0.1866, 1.2828, 0.1924, 0.2741, 1.0762),
+    ("random-4", "perl"): (0.4242, 1.9453, 0.3084, 0.4365, 1.4514),
+    ("random-4", "python"): (0.4367, 2.2625, 0.3084, 0.4365, 1.4514),
+    ("random-6", "perl"): (0.1184, 0.1960, 0.1579, 0.2625, 0.9369),
+    ("random-6", "python"): (0.1312, 0.4035, 0.1579, 0.2625, 0.9369),
+    ("random-5", "perl"): (0.1883, 0.1464, 0.1960, 0.3263, 0.8033),
+    ("random-5", "python"): (0.2087, 0.2144, 0.1960, 0.3263, 0.8033),
+    ("random-7", "perl"): (0.4122, 5.8167, 0.3170, 0.4543, 1.1573),
+    ("random-7", "python"): (0.4185, 5.7005, 0.3170, 0.4543, 1.1573),
+    ("random-8", "perl"): (0.3433, 4.1213, 0.2919, 0.3432, 0.7221),
+    ("random-8", "python"): (0.3462, 4.1070, 0.2919, 0.3432, 0.7221),
 }
-PERL_DIGITS = 1e-11  # absolute: the Perl numbers were printed with 12 decimals
+OFFICIAL_DIGITS = 5e-5 + 1e-9  # the scorer rounds to four decimals
 FLOAT_SUM_ORDER = 1e-12  # relative: the same sums added up in another order
+FAST_CASES = ("tgen-minus", "sclstm-20-short", "varied-refs-50", "random-1", "random-3", "random-4", "random-5",
+              "random-6", "random-7", "random-8")  # BLEU and NIST of these run in the default suite
 
-
-# ---------------------------------------------------------------------------- real data
-# tgen-std goes through e2e_scores (all five, METEOR included); sclstm, whose outputs differ most,
-# through the single metrics. The other two systems' official numbers are listed for reference.
 
 @functools.lru_cache
 def load_test_set(e2e_dir: Path) -> list[list[str]]:
@@ -83,39 +127,134 @@ def ptb_tokens(e2e_dir: Path, shared_dir: Path, name: str):
     return ptb_tokenize(system_output(shared_dir, name)), ptb_refs(e2e_dir)
 
 
+def first_words(text: str, fraction: float) -> str:
+    words = text.split()
+    return " ".join(words[:int(len(words) * fraction)])
+
+
+@functools.lru_cache
+def case(e2e_dir: Path, shared_dir: Path, name: str) -> tuple[list[str], list[list[str]]]:
+    """(hypotheses, references) of one OFFICIAL case."""
+    refs, std = load_test_set(e2e_dir), system_output(shared_dir, "tgen-std")
+    if name in SYSTEMS:
+        return system_output(shared_dir, name), refs
+    if name.startswith("paper-"):
+        return paper_case(e2e_dir, shared_dir, name)
+    if name.startswith("random-"):
+        return random_case(e2e_dir, shared_dir, int(name.removeprefix("random-")))
+    return {
+        "truncated-half": lambda: ([first_words(h, 0.5) for h in std], refs),
+        "first-3-words": lambda: ([" ".join(h.split()[:3]) for h in std], refs),
+        "every-5th-empty": lambda: (["" if i % 5 == 0 else h for i, h in enumerate(std)], refs),
+        "single-ref": lambda: (std, [group[:1] for group in refs]),
+        "doubled": lambda: ([f"{h} {h}" for h in std], refs),
+        "sclstm-20-short": lambda: ([first_words(h, 0.6) for h in system_output(shared_dir, "sclstm")[:20]], refs[:20]),
+        "varied-refs-50": lambda: ([first_words(h, 0.7) for h in system_output(shared_dir, "tgen-minus")[:50]],
+                                   [group[:1 + i % 4] for i, group in enumerate(refs[:50])]),
+    }[name]()
+
+
+def random_case(e2e_dir: Path, shared_dir: Path, seed: int) -> tuple[list[str], list[list[str]]]:
+    """A few to all MRs, a random system's outputs, each kept or emptied, cut short, doubled, upper-cased,
+    stripped of punctuation or given extra symbols; half of the MRs keep only their first few references."""
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 3, 5, 10, 40, 150, 630])
+    mrs = sorted(rng.sample(range(630), n))
+    outputs = system_output(shared_dir, rng.choice(SYSTEMS))
+
+    def mutate(text: str) -> str:
+        words, k = text.split(), rng.random()
+        if k < 0.15:
+            return ""
+        if k < 0.35:
+            return " ".join(words[:rng.randint(1, max(1, len(words)))])
+        if k < 0.45:
+            return " ".join(words[:rng.randint(1, 3)])
+        if k < 0.55:
+            return f"{text} {text}"
+        if k < 0.65:
+            return text.upper()
+        if k < 0.72:
+            return text.replace(".", "").replace(",", "")
+        if k < 0.80:
+            return f"CAFÉ {text} 3.5 £20-25 (cheap)!"
+        return text
+
+    hypotheses = [mutate(outputs[i]) for i in mrs]
+    references = [group[:rng.randint(1, len(group))] if rng.random() < 0.5 else group
+                  for group in (load_test_set(e2e_dir)[i] for i in mrs)]
+    return hypotheses, references
+
+
+def paper_case(e2e_dir: Path, shared_dir: Path, name: str) -> tuple[list[str], list[list[str]]]:
+    """The paper's pipeline on a system's output: model output as token ids, in the paper's text (some
+    with text after <|endoftext|> or after a blank line, which gpt2_decode.py cuts off), decoded as
+    microsoft/LoRA's gpt2_decode.py does; the references from test.txt, grouped by MR."""
+    system, variant = name.removeprefix("paper-").rsplit("-", 1)
+    enc = get_tokenizer()
+    hypotheses = []
+    for i, output in enumerate(system_output(shared_dir, system)):
+        words = paper_words(output, "test")
+        if variant == "truncated":
+            words = [] if i % 7 == 0 else words[:len(words) // 2]
+        tokens = enc.encode_ordinary(" " + " ".join(words) + " ")
+        if i % 3 == 0:
+            tokens += [EOT] + enc.encode_ordinary(" name : junk after the end")
+        elif i % 5 == 0:
+            tokens += enc.encode_ordinary("\n\nname : junk after a blank line")
+        hypotheses.append(decode_completion(tokens))
+    groups = group_references(read_e2e_csv(e2e_dir / "testset_w_refs.csv"))
+    return hypotheses, [references_for_scoring(refs, "paper", "test") for _, refs in groups]
+
+
+def assert_official(scores: dict, name: str, mteval: str, metric_names=metrics.METRICS) -> None:
+    official = dict(zip(metrics.METRICS, OFFICIAL[name, mteval]))
+    for metric in metric_names:
+        assert scores[metric] == pytest.approx(official[metric], abs=OFFICIAL_DIGITS), (name, mteval, metric)
+
+
+def official_cases(fast: bool) -> list:
+    return [pytest.param(name, mteval, id=f"{name}-{mteval}") for name, mteval in OFFICIAL
+            if (name in FAST_CASES) == fast]
+
+
+@pytest.mark.parametrize("name, mteval", official_cases(fast=True))
+def test_bleu_and_nist_equal_the_official_scorer(e2e_dir, shared_dir, name, mteval):
+    hyps, refs = case(e2e_dir, shared_dir, name)
+    tokens = [mteval_tokenize(h, mteval) for h in hyps], [[mteval_tokenize(r, mteval) for r in g] for g in refs]
+    assert_official({"BLEU": corpus_bleu(*tokens, mteval=mteval), "NIST": corpus_nist(*tokens, mteval=mteval)},
+                    name, mteval, ("BLEU", "NIST"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted({name for name, _ in OFFICIAL}))
+def test_all_five_equal_the_official_scorer_in_both_modes(e2e_dir, shared_dir, name):
+    scores = e2e_scores_both(*case(e2e_dir, shared_dir, name))
+    if scores["perl"]["METEOR"] is None:
+        pytest.skip(f"METEOR: {scores['perl']['METEOR_unavailable']}")
+    for mteval in metrics.MTEVAL:
+        if (name, mteval) in OFFICIAL:
+            assert_official(scores[mteval], name, mteval)
+    if name == "first-3-words":
+        assert scores["python"]["NIST"] is None and "divides by zero" in scores["python"]["NIST_unavailable"]
+
+
 @functools.lru_cache
 def tgen_scores(e2e_dir: Path, shared_dir: Path) -> dict:
-    return e2e_scores(system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir))
+    return e2e_scores_both(system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir))
 
 
+@pytest.mark.slow
 def test_e2e_scores_equal_the_official_scorer(e2e_dir, shared_dir):
-    """All five on TGen's output. OFFICIAL's METEOR is pycocoevalcap's own `Meteor` class on the Java
-    tokenizer's output; e2e_scores runs the same jar on the same tokens, so it must be identical.
-    (A second, live run of that class would load the paraphrase table again: ~12 s of CPU.)"""
+    """All five on TGen's output, both modes (METEOR starts Java once: ~15 s of CPU)."""
     scores = tgen_scores(e2e_dir, shared_dir)
-    official = OFFICIAL["tgen-std"]
-    for key in ("BLEU", "NIST"):
-        assert scores[key] == pytest.approx(official[key], abs=PERL_DIGITS)
-    for key in ("ROUGE_L", "CIDEr"):
-        assert scores[key] == pytest.approx(official[key], rel=FLOAT_SUM_ORDER)
-    if shutil.which("java") is None or metrics._meteor_jar() is None:  # reported, never invented
-        assert scores["METEOR"] is None and scores["METEOR_unavailable"]
-    else:
-        assert scores["METEOR"] == official["METEOR"]
-        assert set(scores) == set(metrics.METRICS)
-
-
-def test_bleu_and_nist_of_sclstm_equal_the_official_mteval(e2e_dir, shared_dir):
-    hyps, refs = mteval_tokens(e2e_dir, shared_dir, "sclstm")
-    assert len(hyps) == len(refs) == 630
-    assert corpus_bleu(hyps, refs) == pytest.approx(OFFICIAL["sclstm"]["BLEU"], abs=PERL_DIGITS)
-    assert corpus_nist(hyps, refs) == pytest.approx(OFFICIAL["sclstm"]["NIST"], abs=PERL_DIGITS)
-
-
-def test_rouge_l_and_cider_of_sclstm_equal_the_official_pipeline(e2e_dir, shared_dir):
-    hyps, refs = ptb_tokens(e2e_dir, shared_dir, "sclstm")
-    assert rouge_l(hyps, refs) == pytest.approx(OFFICIAL["sclstm"]["ROUGE_L"], rel=FLOAT_SUM_ORDER)
-    assert cider_d(hyps, refs) == pytest.approx(OFFICIAL["sclstm"]["CIDEr"], rel=FLOAT_SUM_ORDER)
+    for mteval in metrics.MTEVAL:
+        if shutil.which("java") is None or metrics._meteor_jar() is None:  # reported, never invented
+            assert scores[mteval]["METEOR"] is None and scores[mteval]["METEOR_unavailable"]
+            assert_official(scores[mteval], "tgen-std", mteval, ("BLEU", "NIST", "ROUGE_L", "CIDEr"))
+        else:
+            assert_official(scores[mteval], "tgen-std", mteval)
+            assert set(scores[mteval]) == set(metrics.METRICS)
 
 
 def test_bleu_equals_sacrebleu(e2e_dir, shared_dir):
@@ -129,7 +268,7 @@ def test_bleu_equals_sacrebleu(e2e_dir, shared_dir):
     hyps, refs = system_output(shared_dir, "tgen-std"), load_test_set(e2e_dir)
     streams = [[group[k] if k < len(group) else None for group in refs] for k in range(max(map(len, refs)))]
     expected = sacrebleu.corpus_bleu(hyps, streams, tokenize="13a", lowercase=True).score / 100
-    assert tgen_scores(e2e_dir, shared_dir)["BLEU"] == pytest.approx(expected, rel=FLOAT_SUM_ORDER)
+    assert tgen_scores(e2e_dir, shared_dir)["perl"]["BLEU"] == pytest.approx(expected, rel=FLOAT_SUM_ORDER)
 
 
 def test_nist_equals_nltk_with_one_reference(e2e_dir, shared_dir):
@@ -241,13 +380,37 @@ def test_nist_by_hand():
     assert nist_length_penalty(1.2) == 1.0 and nist_length_penalty(0.0) == 0.0
 
 
-def test_nist_average_reference_length_divides_by_the_largest_reference_set():
+def test_nist_average_reference_length_in_both_conventions():
     # References "a b c d" | "c", "c": 6 words; info(a) = info(b) = log2 6, info(c) = log2(6/3), info(a b) = 0.
-    # Hypotheses "a b" | "c": unigrams (2 log2 6 + 1) / 3, bigram 0 / 1.
-    # Average reference length = 6 words / 2 (the most references any MR has) = 3 = hypothesis words:
-    # no penalty (the per-MR mean would be 4 + 1 = 5 and give one).
+    # Hypotheses "a b" | "c": 3 words; unigrams (2 log2 6 + 1) / 3, bigram 0 / 1.
     hyps, refs = [["a", "b"], ["c"]], [[["a", "b", "c", "d"]], [["c"], ["c"]]]
-    assert corpus_nist(hyps, refs) == pytest.approx((2 * math.log2(6) + 1) / 3, rel=1e-15)
+    unigrams = (2 * math.log2(6) + 1) / 3
+    # Perl: 3 references over 2 segments, 1.5 per segment: average length 6 / 1.5 = 4 words
+    assert corpus_nist(hyps, refs) == pytest.approx(unigrams * nist_length_penalty(3 / 4), rel=1e-15)
+    # Python: the per-segment means summed, 4 + 1 = 5 words; and it counts len - n + 1 n-grams even
+    # when negative: 3-grams 0 + (-1), so the (empty) 3- to 5-gram sums are divided by -1, -3 and -5
+    assert corpus_nist(hyps, refs, mteval="python") == pytest.approx(unigrams * nist_length_penalty(3 / 5), rel=1e-15)
+    # The old bug divided by the largest reference count (6 / 2 = 3 words: no penalty at all)
+    assert corpus_nist(hyps, refs) < unigrams * 0.99
+    # -p divides the n-gram sums by their totals without a floor, as the official scorer does
+    with pytest.raises(ValueError, match="divides by zero: the hypotheses hold 0 3-grams"):
+        corpus_nist([["a", "b"]], [[["a", "b", "a"]]], mteval="python")
+
+
+def test_python_mteval_differs_from_perl_only_where_it_should():
+    # an empty output is one empty token for pymteval, none for mteval
+    assert mteval_tokenize("", "python") == [""] and mteval_tokenize("") == []
+    assert mteval_tokenize("CAFÉ", "python") == ["café"] and mteval_tokenize("CAFÉ") == ["cafÉ"]
+    # BLEU: no 2^k smoothing (a floor of 1e-15 matches instead), negative n-gram totals count
+    hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    floor = (5 / 6 * 3 / 5 * 1 / 4 * 1e-15 / 3) ** (1 / 4)
+    assert corpus_bleu([hyp], [[ref]], mteval="python") == pytest.approx(floor, rel=1e-12)
+    # "a b c" + "a": unigrams 4/4, bigrams 2/(2 + 0), trigrams 1/(1 - 1) with the total floored at 1e-9,
+    # 4-grams 0/(0 - 2): both floored, 1e-15/1e-9
+    bleu = corpus_bleu([["a", "b", "c"], ["a"]], [[["a", "b", "c"]], [["a"]]], mteval="python")
+    assert bleu == pytest.approx((1 * 1 * (1 / 1e-9) * (1e-15 / 1e-9)) ** (1 / 4), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown mteval"):
+        corpus_bleu([hyp], [[ref]], mteval="perl ")
 
 
 @given(st.lists(st.tuples(st.lists(st.sampled_from("abcdef"), min_size=5, max_size=12),
@@ -373,3 +536,11 @@ def test_format_scores_shows_the_paper_scale():
     assert table.splitlines()[2].split() == ["NIST", "8.54", "8.85"]
     assert table.splitlines()[5].split() == ["CIDEr", "2.23", "2.53"]
     assert PAPER_GPT2_M_LORA == {"BLEU": 0.704, "NIST": 8.85, "METEOR": 0.468, "ROUGE_L": 0.718, "CIDEr": 2.53}
+    # with the challenge's (Perl) figures beside, and a legend saying which column is which
+    table = format_scores({"BLEU": 0.638, "NIST": 7.774, "METEOR": None, "ROUGE_L": 0.6893, "CIDEr": 2.0084,
+                           "METEOR_unavailable": "java not found on PATH"},
+                          official={"BLEU": 0.638, "NIST": 7.9623, "METEOR": None, "ROUGE_L": 0.6893, "CIDEr": 2.0084})
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "ours", "paper", "Perl"] and lines[2].split() == ["NIST", "7.77", "8.85", "7.96"]
+    assert "measure_scores.py -p" in lines[6] and "Perl mteval" in lines[7]
+    assert lines[8] == "(METEOR n/a: java not found on PATH)"

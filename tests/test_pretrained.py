@@ -53,6 +53,7 @@ TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13
                        [40, 1842, 284, 4483, 6729, 355, 257, 1310, 286, 50256]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hub file", "save_pretrained folder", "pytorch_model.bin"])
 def test_logits_match_transformers(reference, layout):
     hf, paths = reference
@@ -64,6 +65,7 @@ def test_logits_match_transformers(reference, layout):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_model_loads_the_same_base_and_matches(reference):
     hf, paths = reference
     model = GPT.from_pretrained(paths["hub file"], lora=LoRAConfig()).eval()
@@ -74,6 +76,7 @@ def test_lora_model_loads_the_same_base_and_matches(reference):
         assert torch.all(update.B == 0) and update.A.isfinite().all() and update.A.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_generate(reference):
     hf, paths = reference
     model = GPT.from_pretrained(paths["hub file"]).eval()
@@ -94,9 +97,35 @@ def test_greedy_continuation_matches_generate(reference):
 def test_config_is_inferred_from_shapes_without_config_json(tmp_path):
     hf = hf_gpt2(n_layer=3, n_head=2, n_embd=128, vocab_size=100, n_positions=64)
     path = save_hub_layout(hf, tmp_path, with_config=False)
-    model = GPT.from_pretrained(path)
-    # n_head = n_embd / 64, as in every official size.
+    # n_head = n_embd / 64, as in every official size; not an official width, so said aloud.
+    with pytest.warns(UserWarning, match="no config.json; assuming 64-dimensional heads, so n_head = 2"):
+        model = GPT.from_pretrained(path)
     assert model.config == GPTConfig(n_layer=3, n_head=2, n_embd=128, vocab_size=100, block_size=64)
+
+
+def test_a_guessed_head_count_is_said_or_refused(tmp_path):
+    hf = hf_gpt2(n_layer=1, n_head=4, n_embd=64, vocab_size=50, n_positions=16)
+    path = save_hub_layout(hf, tmp_path / "64", with_config=False)
+    with pytest.warns(UserWarning, match=r"n_head = 1 for n_embd=64\. If that is wrong, put the model's config.json"):
+        GPT.from_pretrained(path)
+    hf = hf_gpt2(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    path = save_hub_layout(hf, tmp_path / "16", with_config=False)
+    with pytest.raises(ValueError, match="n_embd=16 is not a multiple of the usual head size 64"):
+        GPT.from_pretrained(path)
+
+
+@pytest.mark.parametrize("config_text, problem", [
+    ('{"n_layer": 2, "n_head": 2,', "not a valid GPT-2 config: Expecting"),
+    ("[1, 2]", "not a valid GPT-2 config"),
+    ('{"n_layer": 2, "n_head": "2", "n_embd": 16, "vocab_size": 50, "n_positions": 32}', "n_head must be a positive"),
+])
+def test_a_corrupt_config_json_is_named(tmp_path, config_text, problem):
+    state = tiny_checkpoint(tmp_path)
+    safetensors_torch.save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=problem) as info:
+        GPT.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(info.value)
 
 
 def test_config_json_beside_the_weights_wins(tmp_path):

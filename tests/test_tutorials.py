@@ -5,6 +5,7 @@ written to a temporary folder (the committed ones are left alone). The runner's 
 (output blocks, `...`, `numbers vary`, --update) are tested on small made-up chapters.
 """
 import importlib.util
+import io
 import re
 import sys
 from pathlib import Path
@@ -25,7 +26,13 @@ def test_all_seven_chapters_are_there():
     assert [p.name[:2] for p in CHAPTERS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+# Chapters that train every toy setting five times (claims must hold across runs): about 25 and
+# 50 seconds of CPU, so they run with the slow tests.
+FIVE_RUN_CHAPTERS = {"04_pretrain_then_adapt", "07_rank_deficiency"}
+
+
+@pytest.mark.parametrize("chapter", [pytest.param(p, marks=pytest.mark.slow) if p.stem in FIVE_RUN_CHAPTERS else p
+                                     for p in CHAPTERS], ids=lambda p: p.stem)
 def test_chapter_runs_and_prints_what_it_says(chapter, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "small")
     monkeypatch.setenv("LORA_MIN_TUTORIAL_FIGURES", str(tmp_path))
@@ -128,3 +135,41 @@ def test_unclosed_code_block_is_reported_with_its_line(tmp_path):
     chapter = write_chapter(tmp_path, "text\n\n```python\nprint(1)\n")
     with pytest.raises(ValueError, match="line 3: code block is never closed"):
         run.run_chapter(chapter)
+
+
+def test_echo_shows_each_block_output_as_it_runs(tmp_path):
+    chapter = write_chapter(tmp_path, (
+        "```python\nprint('first')\n```\n\n```text\nfirst\n```\n\n"
+        "```python\nprint('partial')\nraise ValueError('boom')\n```\n"))
+    shown = io.StringIO()
+    result = run.run_chapter(chapter, echo=shown)
+    # Shown while running: even what a failing block printed before it raised.
+    assert shown.getvalue() == ("--- 99_test.md, code block at line 1\nfirst\n"
+                                "--- 99_test.md, code block at line 9\npartial\n")
+    assert result.outputs == ["first\n"] and "ValueError: boom" in result.error
+
+
+def test_verbose_flag_prints_the_chapter_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "small")  # main() sets it; restored afterwards
+    chapter = write_chapter(tmp_path, "```python\nprint(6 * 7)\n```\n\n```text\n42\n```\n")
+    assert run.main([str(chapter)]) == 0
+    assert "42" not in capsys.readouterr().out  # quiet by default: only the verdict
+    assert run.main(["-v", str(chapter)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- 99_test.md, code block at line 1\n42\nok  99_test.md")
+
+
+def test_toy_claim_asserts_at_small_size_and_reports_at_laptop(monkeypatch, capsys):
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        import toy
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "small")
+    toy.claim(True, "holds")
+    with pytest.raises(AssertionError, match="LoRA wins"):
+        toy.claim(False, "LoRA wins")
+    monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "laptop")
+    toy.claim(True, "holds")
+    toy.claim(False, "LoRA wins")
+    assert capsys.readouterr().out == "at this size, not so: LoRA wins\n"

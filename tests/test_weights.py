@@ -4,10 +4,13 @@ import http.server
 import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 import uuid
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -101,6 +104,20 @@ def test_writer_is_atomic_and_rejects_bad_input(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temp files
 
 
+def test_tensors_survive_the_file_being_rewritten_in_place(tmp_path):
+    """Tensors must not be views of a memory map: truncating a mapped file kills the process
+    with SIGBUS on the next read of a page. Run in a child so that death fails the test."""
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"w": torch.arange(100_000, dtype=torch.float64)})
+    script = ("import sys, torch; from lora_min.weights import read_safetensors\n"
+              "w = read_safetensors(sys.argv[1])[0]['w']\n"
+              "open(sys.argv[1], 'wb').close()  # rewritten in place: truncated to 0 bytes\n"
+              "print(w.sum().item())")
+    child = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    assert float(child.stdout) == sum(range(100_000))
+
+
 def test_unaligned_file_from_another_writer(tmp_path):
     """A valid file whose F32 tensor starts at an odd address is read (and copied) correctly."""
     header = json.dumps({"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
@@ -142,6 +159,9 @@ MALFORMED = {
     "trailing_bytes": (raw_file({"a": entry()}, bytes(10)), "2 unused bytes after the last tensor"),
     "bad_metadata": (raw_file({"__metadata__": {"n": 1}}), "__metadata__ must be"),
     "empty_too_large": (raw_file({"a": entry(shape=(0, 2**70), offsets=(0, 0))}), "too large"),
+    # Python's json refuses integers over 4,300 digits with a plain ValueError, not a JSONDecodeError.
+    "huge_integer": (raw_file(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 8]}}',
+                              bytes(8)), "not valid UTF-8 JSON"),
 }
 
 
@@ -225,6 +245,49 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "list.pt")
 
 
+@pytest.mark.parametrize("content, problem", [
+    ({"w": torch.ones(2), "step": 3}, "'step' holds a int, not a tensor"),
+    ({"model": {"w": torch.ones(2)}}, "'model' holds a dict, not a tensor"),
+    ("truncated", "not a readable PyTorch checkpoint"),
+    ("garbage", "holds something other than tensors"),
+])
+def test_load_checkpoint_names_the_file_of_a_bad_bin(tmp_path, content, problem):
+    path = tmp_path / "pytorch_model.bin"
+    if content == "truncated":
+        torch.save(STATE, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == "garbage":
+        path.write_bytes(b"not a checkpoint at all" * 10)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=problem) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_checkpoint_refuses_compressed_zip_entries(tmp_path):
+    """A zip bomb: a small DEFLATE-compressed .bin that torch.load would inflate in memory.
+    torch.save never compresses, so a compressed entry is refused before torch.load runs."""
+    plain, bomb = tmp_path / "plain.bin", tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(1_000_000)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    assert bomb.stat().st_size < 100_000  # 4 MB of zeros in a few kB
+    with pytest.raises(ValueError, match="zip entry '[^']*' is compressed") as info:
+        load_checkpoint(bomb)
+    assert str(bomb) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_load_checkpoint_warns_about_nan_weights(tmp_path, suffix):
+    state = {"wte.weight": torch.ones(3, 2), "h.0.ln_1.bias": torch.tensor([0.0, float("nan")])}
+    path = tmp_path / f"model{suffix}"
+    write_safetensors(path, state) if suffix == ".safetensors" else torch.save(state, path)
+    with pytest.warns(UserWarning, match=r"model\S*: 1 tensor\(s\) hold NaN or inf values, first 'h.0.ln_1.bias'"):
+        load_checkpoint(path)
+
+
 # ----------------------------------------------------------------------------- resolve_checkpoint
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -297,6 +360,21 @@ def test_resolve_offline_fails_fast_with_hint(tmp_path, monkeypatch):
         resolve_checkpoint("gpt2-xl", cache_dir=tmp_path)
     assert time.monotonic() - started < 5
     message = str(info.value)
-    assert "openai-community/gpt2-xl/resolve/main/" in message
-    assert "GPT.from_pretrained('/path/to/model.safetensors')" in message
-    assert list((tmp_path / "gpt2-xl").iterdir()) == []  # nothing half-written
+    hub = "openai-community/gpt2-xl/resolve/main/"
+    assert f"{hub}config.json and " in message and f"{hub}model.safetensors" in message  # every file needed
+    assert f"into {tmp_path / 'gpt2-xl'}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min)" in message
+    assert "train.py --model PATH" in message
+    assert not (tmp_path / "gpt2-xl").exists()  # nothing half-written, not even an empty folder
+
+
+def test_files_to_download_names_only_what_the_cache_lacks(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_MIN_CACHE", str(tmp_path))
+    assert weights.files_to_download("gpt2-medium") == (
+        "Still to download for gpt2-medium: config.json and model.safetensors from "
+        f"https://huggingface.co/openai-community/gpt2-medium/resolve/main/ into {tmp_path / 'gpt2-medium'}/.")
+    (tmp_path / "gpt2-medium").mkdir()
+    (tmp_path / "gpt2-medium" / "config.json").write_text("{}")
+    assert "for gpt2-medium: model.safetensors from" in weights.files_to_download("gpt2-medium")
+    (tmp_path / "gpt2-medium" / "model.safetensors").write_bytes(b"")
+    assert weights.files_to_download("gpt2-medium") == ""
+    assert weights.files_to_download(str(tmp_path)) == weights.files_to_download("demo") == ""  # not hub names

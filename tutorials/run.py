@@ -14,8 +14,9 @@ Any other ```text block is just prose. Three ways to allow for what differs betw
 
     python tutorials/run.py                       # run and check every chapter
     python tutorials/run.py 03_merging.md         # one chapter (a path or just the name)
+    python tutorials/run.py -v 03_merging.md      # and show what each code block prints, as it runs
     python tutorials/run.py --update 03_merging.md   # rewrite its output blocks with real output
-    python tutorials/run.py --size laptop 04_pretrain_then_adapt.md   # bigger models, no checks
+    python tutorials/run.py --size laptop 04_pretrain_then_adapt.md   # bigger models, shown, no checks
 
 --update keeps an output block that still matches (so its `...` survive) and replaces one
 that does not; `numbers vary` and `output varies` blocks without `...` always get the fresh
@@ -33,11 +34,13 @@ import itertools
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
+
+from lora_min.fileio import atomic_write_text
 
 TUTORIALS = Path(__file__).resolve().parent
 FENCE = re.compile(r"^```\s*(\w*)\s*$")
@@ -135,8 +138,27 @@ def output_matches(expected: str, got: str, numbers_vary: bool = False) -> bool:
     return True
 
 
-def run_chapter(path: str | Path, update: bool = False, check: bool = True) -> ChapterResult:
-    """Execute a chapter's python blocks; compare (or, with `update`, rewrite) output blocks."""
+class _Printed(io.StringIO):
+    """What a code block prints, kept for the check and, if `echo` is given, shown there at once."""
+
+    def __init__(self, echo: TextIO | None):
+        super().__init__()
+        self.echo = echo
+
+    def write(self, text: str) -> int:
+        if self.echo is not None:
+            self.echo.write(text)
+            self.echo.flush()
+        return super().write(text)
+
+
+def run_chapter(path: str | Path, update: bool = False, check: bool = True,
+                echo: TextIO | None = None) -> ChapterResult:
+    """Execute a chapter's python blocks; compare (or, with `update`, rewrite) output blocks.
+
+    With `echo` (a stream, e.g. sys.stdout), each block's output is also written there while it
+    runs, under a line naming the block.
+    """
     path = resolve_chapter(path)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     code_blocks = [b for b in parse_blocks(lines, str(path)) if b.lang == "python"]
@@ -156,7 +178,9 @@ def run_chapter(path: str | Path, update: bool = False, check: bool = True) -> C
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for block in code_blocks:
-            printed = io.StringIO()
+            if echo is not None:
+                echo.write(f"--- {path.name}, code block at line {block.start + 1}\n")
+            printed = _Printed(echo)
             block_start = time.perf_counter()
             try:
                 with contextlib.redirect_stdout(printed):
@@ -186,7 +210,7 @@ def run_chapter(path: str | Path, update: bool = False, check: bool = True) -> C
         if "matplotlib.pyplot" in sys.modules:  # the chapter's figures are saved; free them
             sys.modules["matplotlib.pyplot"].close("all")
     if update and result.error is None and (result.mismatches or fresh_output):
-        write_atomically(path, updated_text(lines, code_blocks, result.mismatches + fresh_output))
+        atomic_write_text(path, updated_text(lines, code_blocks, result.mismatches + fresh_output))
         result.mismatches += fresh_output
     if not check:
         result.mismatches = []
@@ -213,16 +237,6 @@ def updated_text(lines: list[str], code_blocks: list[Block], mismatches: list[Mi
             i = block.end + 1
     out += lines[i:]
     return "".join(out)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def resolve_chapter(name: str | Path) -> Path:
@@ -266,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("chapters", nargs="*", help="chapter files (default: all)")
     parser.add_argument("--update", action="store_true", help="rewrite output blocks with real output")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show what each code block prints while the chapter runs")
     parser.add_argument("--size", choices=("small", "laptop"), default="small",
-                        help="small: what the tests run (default); laptop: bigger models, outputs not checked")
+                        help="small: what the tests run (default); laptop: bigger models, outputs shown, not checked")
     parser.add_argument("--figures", help="folder for the figures (default: figures/, or figures/laptop/)")
     args = parser.parse_args(argv)
     if args.update and args.size != "small":
@@ -277,11 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if figures:
         os.environ["LORA_MIN_TUTORIAL_FIGURES"] = str(Path(figures).resolve()) if args.figures else figures
     failed = 0
+    echo = sys.stdout if args.verbose or args.size == "laptop" else None
     for chapter in args.chapters or all_chapters():
-        result = run_chapter(chapter, update=args.update, check=args.size == "small")
-        if args.size == "laptop":
-            for output in result.outputs:
-                print(normalise(output))
+        result = run_chapter(chapter, update=args.update, check=args.size == "small", echo=echo)
         if args.update and result.error is None:
             print(f"{'updated' if result.mismatches else 'ok'}  {result.path.name}  "
                   f"({timing(result)})")

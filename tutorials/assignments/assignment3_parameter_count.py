@@ -14,7 +14,7 @@ LoRA's headline: GPT-3 175B has 175 billion parameters, LoRA on W_q and W_v trai
 Fill in the three functions marked YOUR CODE HERE (replace the `raise NotImplementedError`
 line). Check your work with
 
-    python -m lora_min.grade assignment3 assignment3_parameter_count.py
+    python grade.py assignment3 assignment3_parameter_count.py
 """
 import torch.nn as nn
 

@@ -7,11 +7,11 @@ tests/test_assignments.py checks that the committed student files are what this 
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
+
+from lora_min.fileio import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 SOLUTION = re.compile(r"^( *)# BEGIN SOLUTION\n.*?^ *# END SOLUTION\n", re.MULTILINE | re.DOTALL)
@@ -26,10 +26,7 @@ def main() -> int:
         text = solution.read_text(encoding="utf-8")
         if text.count("# BEGIN SOLUTION") != text.count("# END SOLUTION"):
             sys.exit(f"{solution}: unbalanced BEGIN/END SOLUTION markers")
-        fd, tmp = tempfile.mkstemp(dir=HERE, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(starter_text(text))
-        os.replace(tmp, HERE / solution.name)
+        atomic_write_text(HERE / solution.name, starter_text(text))
         print(f"wrote {HERE.name}/{solution.name}")
     return 0
 

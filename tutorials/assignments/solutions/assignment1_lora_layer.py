@@ -8,7 +8,7 @@ change of the weight, written as a product of two thin matrices:
 Fill in the two methods marked YOUR CODE HERE (replace the `raise NotImplementedError` line).
 Keep every name and signature; add helpers if you like. Check your work with
 
-    python -m lora_min.grade assignment1 assignment1_lora_layer.py
+    python grade.py assignment1 assignment1_lora_layer.py
 
 Tutorial chapter 2 (tutorials/02_the_lora_layer.md) explains everything this needs.
 """

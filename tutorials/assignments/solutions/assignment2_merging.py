@@ -7,7 +7,7 @@ again, to train further or to switch to another task's adapter.
 Fill in the two methods marked YOUR CODE HERE (replace the `raise NotImplementedError` line).
 `forward` is given: it skips the update while the layer is merged. Check your work with
 
-    python -m lora_min.grade assignment2 assignment2_merging.py
+    python grade.py assignment2 assignment2_merging.py
 
 Tutorial chapter 3 (tutorials/03_merging.md) explains why the half-precision rule matters.
 """

@@ -14,7 +14,7 @@ a long reference counts more than a short one, as in microsoft/LoRA).
 Fill in the function marked YOUR CODE HERE (replace the `raise NotImplementedError` line).
 Write it from log-probabilities (torch.log_softmax), not with F.cross_entropy. Check with
 
-    python -m lora_min.grade assignment4 assignment4_masked_loss.py
+    python grade.py assignment4 assignment4_masked_loss.py
 """
 import torch
 

@@ -8,7 +8,7 @@ log-probability of the token. The step keeps the beam_size best candidates over 
 Fill in the function marked YOUR CODE HERE (replace the `raise NotImplementedError` line).
 Check your work with
 
-    python -m lora_min.grade assignment5 assignment5_beam_step.py
+    python grade.py assignment5 assignment5_beam_step.py
 
 lora_min/decode.py's beam_search does this step (plus finished hypotheses, length penalty and
 n-gram blocking) for many prompts at once.

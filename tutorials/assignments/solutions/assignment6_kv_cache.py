@@ -11,7 +11,7 @@ cached keys. For that, attention must handle T queries that are the *last* T of 
 Fill in the two pieces marked YOUR CODE HERE (replace the `raise NotImplementedError` lines).
 Do not call F.scaled_dot_product_attention: the grader compares against it. Check with
 
-    python -m lora_min.grade assignment6 assignment6_kv_cache.py
+    python grade.py assignment6 assignment6_kv_cache.py
 
 lora_min/model.py's KVCache preallocates its memory instead of concatenating; the result is
 the same.
