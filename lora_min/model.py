@@ -250,9 +250,13 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (in that order), e.g. the beams that survive a beam-search step."""
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        self.key_mask = self.key_mask.index_select(0, rows)
+        """Keep batch rows `rows` (in that order), e.g. the beams that survive a beam-search step.
+        Only the filled positions are copied: the rest of the buffer holds nothing yet."""
+        filled = slice(0, self.length)
+        k, v = (t.new_empty(t.size(0), len(rows), *t.shape[2:]) for t in (self.k, self.v))
+        torch.index_select(self.k[:, :, :, filled], 1, rows, out=k[:, :, :, filled])
+        torch.index_select(self.v[:, :, :, filled], 1, rows, out=v[:, :, :, filled])
+        self.k, self.v, self.key_mask = k, v, self.key_mask.index_select(0, rows)
 
 
 def build_attn_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
