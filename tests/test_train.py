@@ -265,7 +265,9 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     """torchrun with 2 CPU processes (gloo): each takes half of every batch of 8; the loss of
     every step, the dev loss and the adapter match one process within float32 rounding
     (the all-reduce sums gradients in another order): losses to 1e-5 relative, adapter
-    entries to 1e-6 absolute (they are ~1e-2)."""
+    entries to 1e-3 relative (1e-5 absolute near zero). Adam divides by sqrt(v), so the order's
+    rounding in a small gradient moves a weight by far more than float32's 1e-7; a DDP bug (say,
+    gradients summed, not averaged) moves them by tens of percent."""
     run = TINY + ["--batch-size", "8", "--max-steps", "4", "--lora-dropout", "0", "--dev-every", "2",
                   "--dev-limit", "24"]
     one = run_script(run + ["--out", str(tmp_path / "one")])
@@ -286,7 +288,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     a, _ = read_safetensors(tmp_path / "one" / "adapter.safetensors")
     b, _ = read_safetensors(tmp_path / "two" / "adapter.safetensors")
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
         assert a[name].abs().max() > 1e-4  # B moved away from zero: the comparison means something
 
 
