@@ -16,8 +16,9 @@ runlog.py (progress line, log.jsonl, loss.png), distributed.py (devices, torchru
 
 Where the time goes: the LM head (768 x 50257) runs only at the positions that carry loss (the
 reference tokens), batches hold examples of similar length, AdamW is the fused kernel, and on
-CUDA it uses bf16 autocast (fp16 with a grad scaler on GPUs without bf16), TF32 and SDPA flash
-attention (and torch.compile with --compile).
+CUDA it uses bf16 autocast (fp16 with a grad scaler on GPUs without bf16) with the frozen base
+kept in bf16, TF32 and SDPA flash attention. On a GPU add --compile: an eager step issues
+thousands of small kernels and waits on their launches (benchmarks/gpu.py measures both).
 
 What lands in --out: run.json (all flags), adapter.safetensors (LoRA tensors + metadata;
 --full: model.safetensors + config.json in the official layout), resume.pt (optimizer, step,
@@ -34,6 +35,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +47,7 @@ from lora_min.checkpoint import (StopSignal, load_checkpoint, lock_out_dir, save
 from lora_min.data import (TEXTS, E2EFormatError, Example, Position, ensure_e2e, global_batches, iterate_batches,
                            load_split, loss_tokens, make_examples, masked_lm_loss, micro_batches, num_batches,
                            resolve_e2e_dir)
-from lora_min.device import autocast as autocast_for
-from lora_min.device import DEVICES, PRECISIONS, pick_device, pick_precision
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed, leave, peak_memory_bytes
 from lora_min.demo import DEMO, load_base
 from lora_min.evaluate import evaluate_split
@@ -56,8 +57,11 @@ from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_
 from lora_min.metrics import format_scores
 from lora_min.model import GPT, GPT2_SIZES, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
-from lora_min.weights import HUB_NAMES, resolve_checkpoint
+from lora_min.weights import HUB_NAMES, files_to_download, resolve_checkpoint
 
+# How long the other processes of a torchrun job wait while rank 0 downloads the weights:
+# gpt2-xl is 6.4 GB, two hours at 1 MB/s.
+DOWNLOAD_TIMEOUT = timedelta(hours=2)
 # What --demo changes unless the flag is given: the demo's random base (lora_min/demo.py), a short
 # run with a larger learning rate, so the loss visibly falls within a few dozen steps, and a small
 # slice of dev and test (decoding 20 MRs takes less time than the training).
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ones, fp32 on CPU and MPS (bf16 and fp16 also run on the CPU, where only CPUs with "
                         "bfloat16 instructions gain from them)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: for CUDA; slow to start, and on the CPU no faster (see README)")
+                   help="torch.compile the model: the way to run on a GPU, where an eager step is launch-bound "
+                        "(thousands of small kernels); a minute or two to compile, and on the CPU no faster")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, ~30%% more compute")
     g = p.add_argument_group("logging and checkpoints")
@@ -271,12 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate_args(args, explicit, dist.world_size)
         with lock_out_dir(args.out) if dist.is_main else nullcontext():
             check_out_dir(args)  # again, holding --out: another run may have started in it meanwhile
-            try:
-                device = pick_device(args.device, dist.local_rank)
-                # run.json records what auto became, so that a resumed run computes in the same precision.
-                args.precision = precision = pick_precision(args.precision, device)
-            except ValueError as err:  # the device or precision asked for is not there
-                raise ConfigError(str(err)) from None
+            device = pick_device(args.device, dist.local_rank)
+            # run.json records what auto became, so that a resumed run computes in the same precision.
+            args.precision = precision = pick_precision(args.precision, device)
             train_examples, dev_examples, model = prepare(args, dist, say)
             if not args.no_eval:
                 check_decoding_fits(args, model.config, device)
@@ -313,8 +315,10 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
     try:  # data first: it is quick, and a bad file fails before a model is downloaded
         train_examples = load_examples(args, "train", dist)
         dev_examples = load_examples(args, "dev", dist)[:args.dev_limit or None]
-    except (OSError, E2EFormatError) as err:  # a missing or malformed CSV, a failed download
+    except E2EFormatError as err:  # a malformed CSV
         raise ConfigError(str(err)) from None
+    except OSError as err:  # a missing CSV, a failed download: say what else is still to get, all at once
+        raise ConfigError(f"{err} {files_to_download(args.model)}".rstrip()) from None
     torch.manual_seed(args.seed)  # the same LoRA initialisation in every process
     if args.demo:
         model = build_model(args)
@@ -322,7 +326,7 @@ def prepare(args: argparse.Namespace, dist: Dist, say) -> tuple[list[Example], l
         try:
             if dist.is_main:  # rank 0 downloads the weights (if needed), the others wait
                 resolve_checkpoint(args.model)
-            barrier(dist)
+            barrier(dist, timeout=DOWNLOAD_TIMEOUT)
             model = build_model(args)
         except (OSError, ValueError, KeyError) as err:  # an unreadable or mismatched checkpoint
             raise ConfigError(err.args[0] if isinstance(err, KeyError) else str(err)) from None
@@ -340,6 +344,8 @@ def run_training(args: argparse.Namespace, dist: Dist, say, started: float, mode
         torch.backends.cudnn.allow_tf32 = True
     autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling, bf16 not
+    if precision in HALF_DTYPES:  # what LoRA freezes is kept in bf16/fp16; A, B and AdamW's state stay float32
+        model.cast_frozen_base(HALF_DTYPES[precision])
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = make_optimizer(model, args, device)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -43,9 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (the training script: its loop is what (b) measures)
-from lora_min.data import DEMO_DIR, EOT, batch_plan, load_split, make_examples  # noqa: E402
+from lora_min.data import DEMO_DIR, EOT, batch_plan, load_split, loss_tokens, make_examples, micro_batches  # noqa: E402
+from lora_min.distributed import Dist  # noqa: E402
+from lora_min.hf_interop import export_merged  # noqa: E402
 from lora_min.model import GPT, GPTConfig, LoRAConfig, count_trainable  # noqa: E402
-from lora_min.weights import write_safetensors  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the two models
@@ -175,16 +177,16 @@ def bench_e2e(n_batches: int, repeats: int) -> str:
     peft_model, ours = reference_and_ours()
     opt_peft, opt_ours = adamw(peft_model), adamw(ours)
     args = train.parse_args(["--batch-size", "8"])[0]  # the recipe's flags (label smoothing 0.1, ...)
-    dist, device, scaler = train.Dist(), torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    dist, device, scaler = Dist(), torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
 
     def epoch_ours(seed: int, n_batches: int | None = None) -> tuple[int, int, int]:
         """train.py's loop: bucketed batches, logits only at loss positions (`seed`: unused,
         the batches are train.py's). Returns (real, computed, LM-head) positions."""
         real = positions = head = 0
         for batch in plan[:n_batches]:
-            micro = train.micro_batches(examples, batch, args, dist, device)
-            n_loss_tokens = train.loss_tokens(examples, batch)
-            train.train_step(ours, micro, n_loss_tokens, args, dist, train.nullcontext(), scaler)
+            micro = micro_batches(examples, batch, dist.rank, dist.world_size, args.grad_accum)
+            n_loss_tokens = loss_tokens(examples, batch)
+            train.train_step(ours, micro, n_loss_tokens, args, dist, device, nullcontext(), scaler)
             opt_ours.step()
             opt_ours.zero_grad(set_to_none=True)
             input_ids = micro[0][0]  # (B, T): one micro-batch, T = longest example - 1
@@ -251,7 +253,7 @@ def bench_full(steps: int, repeats: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         base = GPT(GPTConfig.from_name("gpt2"))
-        write_safetensors(Path(tmp) / "model.safetensors", train.official_state_dict(base))
+        export_merged(base, tmp)  # model.safetensors + config.json in the official layout
         del base
         results: dict[str, list[tuple[float, int, int]]] = {"LoRA (q, v, r=4)": [], "full fine-tuning": []}
         for r in range(repeats):

@@ -489,7 +489,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--base", help="base model: gpt2, gpt2-medium, ..., demo, or a path "
                                   "(default: the one the adapter names)")
     args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except (OSError, ValueError, KeyError) as err:  # a missing or malformed file or base, a failed download
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err.args[0] if isinstance(err, KeyError) else err}\n")
 
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "info":
         print(info(args.adapter))
     elif args.command == "export-peft":

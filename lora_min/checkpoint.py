@@ -54,7 +54,7 @@ def save_weights(model: GPT, args: argparse.Namespace, step: int) -> Path:
     if args.full:
         export_merged(model, args.out, metadata={"step": str(step)})
     else:
-        trained_on = {} if args.data_dir is None else {"data_dir": str(args.data_dir)}  # evaluate's default
+        trained_on = {"text": args.text} | ({} if args.data_dir is None else {"data_dir": str(args.data_dir)})  # evaluate's defaults
         save_adapter(model, weights_path(args), base_model=args.model,
                      extra_metadata={"step": str(step), "seed": str(args.seed), **trained_on})
     return weights_path(args)

@@ -19,7 +19,10 @@ paper's E2E numbers (Hu et al., 2021, Table 3):
 Where we differ from gpt2_beam.py, none of it changing which hypothesis wins:
   * It always runs max_new_tokens steps. We stop a prompt as soon as no open hypothesis can beat
     its best finished one (`_cannot_improve`, an exact bound), and drop stopped prompts from the
-    batch: E2E texts are ~30 tokens long, so most of its 64 steps are never run.
+    batch and the KV cache; a beam left empty for a step by a finished hypothesis is not computed
+    either. So a batch costs what its open hypotheses cost. (The bound must allow for every later
+    token having probability 1, so a prompt runs well past its best text's end: on E2E about 45
+    steps for outputs of 10-20 tokens. generate()'s default stops sooner, on a guess.)
   * log_softmax(logits) instead of log(softmax(logits)), which underflows to -inf.
   * The prompt is run once per prompt rather than once per beam, and step one draws from the
     first beam only because the others start at score -inf (gpt2_beam.py slices out beam 0, which
@@ -144,19 +147,19 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
                        eos_ids: Sequence[int]) -> list[list[int]]:
     """Beam search for a few prompts at once; hypotheses end with their EOS token, if any.
 
-    Row p * K + k of every (rows, ...) tensor is beam k of the p-th prompt still being decoded
-    (K = beam_size). Prompts leave the batch when they are done, so P shrinks.
+    Row p * K + k of every (P*K, ...) tensor is beam k of the p-th prompt still being decoded
+    (K = beam_size). Only *open* beams (finite score) are live: the model, the KV cache and the
+    logits hold the live rows alone, in that order. A beam whose hypothesis just finished stays
+    empty until the next step, and prompts leave the batch when they are done, so P shrinks.
     """
     K = beam_size
-    logits, cache = _run_prompts(model, prompts, max_new_tokens)  # (P, vocab)
+    logits, cache = _run_prompts(model, prompts, max_new_tokens)  # (P, vocab): beam 0 of each prompt
     P, vocab_size = logits.shape
     device = logits.device
-    # All K beams of a prompt start as that prompt: copy its cache rows and logits K times.
-    cache.reorder(torch.arange(P, device=device).repeat_interleave(K))
-    logits = logits.repeat_interleave(K, dim=0)  # (P*K, vocab)
     dtype = _score_dtype(logits.dtype)
     scores = torch.full((P, K), -math.inf, dtype=dtype, device=device)  # sum of log-probs of each open hypothesis
-    scores[:, 0] = 0.0  # only beam 0 is open at first: the K copies must not yield K equal candidates
+    scores[:, 0] = 0.0  # only beam 0 is open at first: K copies of the prompt would yield K equal candidates
+    live = scores.isfinite().flatten()  # (P*K,) the rows that logits and the cache hold
     generated = torch.empty(P * K, 0, dtype=torch.long, device=device)  # (P*K, t) tokens so far
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
 
@@ -166,9 +169,10 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
 
     for step in range(max_new_tokens):
         length = step + 1  # tokens each candidate of this step holds, its EOS included
-        log_probs = _next_token_log_probs(logits, generated, no_repeat_ngram_size)  # (P*K, vocab)
-        candidates = (scores.view(-1, 1) + log_probs).view(P, K * vocab_size)
-        scores, flat = candidates.topk(K, dim=1)  # (P, K), best first
+        log_probs = _next_token_log_probs(logits, generated[live], no_repeat_ngram_size)  # (live rows, vocab)
+        candidates = torch.full((P * K, vocab_size), -math.inf, dtype=dtype, device=device)
+        candidates[live] = scores.view(-1, 1)[live] + log_probs  # an empty beam has no candidates
+        scores, flat = candidates.view(P, K * vocab_size).topk(K, dim=1)  # (P, K), best first
         parent = flat // vocab_size + K * torch.arange(P, device=device)[:, None]  # row each extends
         token = flat % vocab_size  # (P, K)
         generated = torch.cat([generated[parent.flatten()], token.view(-1, 1)], dim=1)
@@ -191,8 +195,11 @@ def _beam_search_batch(model: GPT, prompts: list[list[int]], beam_size: int, max
             generated = generated.view(P, K, -1)[keep].flatten(0, 1)
             prompt_ids = [p for p, kept in zip(prompt_ids, keep.tolist()) if kept]
             P = len(prompt_ids)
-        cache.reorder(parent.flatten())  # each new hypothesis continues from its parent's keys/values
-        logits = model(token.view(-1, 1), cache=cache)[:, -1]
+        # Each open hypothesis continues from its parent's keys/values (an open one's parent was live).
+        cache_row = live.cumsum(0) - 1  # where each live row of the last step sits in the cache
+        live = scores.isfinite().flatten()
+        cache.reorder(cache_row[parent.flatten()[live]])
+        logits = model(token.view(-1, 1)[live], cache=cache)[:, -1]
     return best
 
 

@@ -1,7 +1,7 @@
 """The demo's base model, by name: GPT-2's tokenizer, vocabulary and layout, 4 thin layers, random weights.
 
-`python train.py --demo` fine-tunes LoRA on this base so that the whole pipeline runs in a minute
-on any CPU without downloading GPT-2. Its weights are a fixed function of DEMO_SEED, the same bits
+`python train.py --demo` fine-tunes LoRA on this base so that the whole pipeline runs on any CPU
+(in about 40 s of CPU time) without downloading GPT-2. Its weights are a fixed function of DEMO_SEED, the same bits
 on every CPU (tests/test_demo.py pins them), so an adapter trained on it names its base "demo" as
 a real one names "gpt2", and every command that takes a base (python -m lora_min.evaluate,
 python -m lora_min.adapters ...) rebuilds it from that name. `load_base` is where the name is understood.

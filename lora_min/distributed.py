@@ -1,4 +1,4 @@
-"""torchrun processes for train.py (where to compute and in what precision: lora_min/device.py).
+"""torchrun processes for train.py (the device and precision each one uses: lora_min/device.py).
 
 Without torchrun there is one process (rank 0 of 1) and every helper here is a no-op. Under
 torchrun, each process joins the job (nccl between GPUs, gloo between CPU processes) and
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -51,9 +52,12 @@ def all_reduce_sum(values: torch.Tensor, dist: Dist) -> torch.Tensor:
     return values
 
 
-def barrier(dist: Dist) -> None:
+def barrier(dist: Dist, timeout: timedelta | None = None) -> None:
+    """Wait until every process gets here. `timeout`: for a long wait, such as the others waiting
+    while rank 0 downloads gpt2-xl (6.4 GB), longer than the job's default (NCCL: 10 minutes, which
+    a link under ~11 MB/s would exceed); this wait then runs in a gloo group made with it."""
     if dist.enabled:
-        torch_dist.barrier()
+        torch_dist.barrier(group=torch_dist.new_group(backend="gloo", timeout=timeout) if timeout else None)
 
 
 def leave(dist: Dist) -> None:

@@ -3,9 +3,9 @@
     python -m lora_min.evaluate --adapter runs/e2e/adapter.safetensors [--split test] [--limit 50]
 
 One hypothesis per unique MR (the E2E scorer compares it with all of that MR's references), in
-the order MRs first appear in the CSV. By default the prompts and references are the paper's text
-(lora_min.data.format_mr / format_ref: microsoft/LoRA's data/e2e/*.txt); --text raw-csv uses the
-official CSV text as it is. Written to --out (default: eval/ beside the adapter, the folder
+the order MRs first appear in the CSV. Prompts and references are in the text the adapter was
+trained on: the paper's (lora_min.data.format_mr / format_ref: microsoft/LoRA's data/e2e/*.txt)
+unless train.py ran with --text raw-csv (the official CSV text as it is). Written to --out (default: eval/ beside the adapter, the folder
 train.py's own evaluation at the end of a run writes, so it always holds the latest evaluation of
 that adapter; scores.json says which split, text and decoding settings), each file atomically:
 
@@ -35,7 +35,7 @@ import torch
 from lora_min import decode
 from lora_min.data import (TEXTS, decode_completion, encode_prompt, group_references, load_split,
                            references_for_scoring)
-from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast, pick_device, pick_precision
+from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick_device, pick_precision
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import ConfigError, check_decoding_flags
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores_both, format_scores
@@ -167,9 +167,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=positive_int, help="decode only the first N MRs (default: all)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the adapter, where train.py "
                                             "writes its evaluation; replaced if it exists)")
-    p.add_argument("--text", choices=TEXTS, default="paper",
-                   help="the text the adapter was trained on: the paper's tokenized text (default) or "
-                        "raw-csv, the official CSV text as it is")
+    p.add_argument("--text", choices=TEXTS,
+                   help="the text to prompt and score with: the paper's tokenized text or raw-csv, the official "
+                        "CSV text as it is (default: the one the adapter was trained on, else paper)")
     g = p.add_argument_group("decoding (defaults: the paper's Table 11)")
     g.add_argument("--beam-size", type=int, default=10, help="beams per MR (default: %(default)s)")
     g.add_argument("--length-penalty", type=float, default=0.9,
@@ -181,9 +181,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of beam search")
     g.add_argument("--batch-size", type=int, default=8, help="MRs decoded side by side (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto picks cuda, then mps, then cpu (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS")
+                   help="auto: bf16 autocast on CUDA GPUs that support it, fp16 on older ones, fp32 on CPU and MPS "
+                        "(default: %(default)s)")
     args = p.parse_args(argv)
     if not args.adapter.is_file():
         p.error(f"--adapter {args.adapter}: no such file")
@@ -192,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              args.batch_size, "--batch-size")
         args.device = pick_device(args.device)
         args.precision = pick_precision(args.precision, args.device)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
         p.error(str(err))
     return args
 
@@ -203,18 +205,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    metadata = read_adapter_metadata(args.adapter)
-    data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
-    model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
+    try:  # every input checked before any decoding: a bad one is one line, not a traceback
+        metadata = read_adapter_metadata(args.adapter)
+        data_dir = args.data_dir or metadata.get("data_dir")  # by default, the data the adapter was trained on
+        text = args.text or metadata.get("text", "paper")  # and the text it was trained on
+        if text not in TEXTS:
+            raise ValueError(f"{args.adapter}: its metadata names the text {text!r}, not one of {TEXTS}")
+        load_split(args.split, data_dir, download=data_dir is None)  # as train.py: only data/e2e is downloaded into
+        model = model_from_adapter(args.adapter, base=args.model).to(args.device).eval()
+    except (OSError, ValueError, KeyError) as err:  # a malformed adapter or CSV, a missing base, a failed download
+        print(f"python -m lora_min.evaluate: error: {err.args[0] if isinstance(err, KeyError) else err}",
+              file=sys.stderr)
+        return 2
     model.merge_lora()  # B A folded into the weights: decoding costs what the base model costs (§4.1)
     if args.precision in HALF_DTYPES:  # decoding reads every weight at every step: read them in bf16/fp16
         model.cast_frozen_base(HALF_DTYPES[args.precision])
     out = args.out or args.adapter.parent / "eval"
-    with autocast(args.precision, args.device):  # as train.py evaluates
+    with autocast_for(args.precision, args.device):  # as train.py evaluates
         scores = evaluate_split(
             model, data_dir, args.split, out, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=args.text)
+            batch_size=args.batch_size, limit=args.limit, greedy=args.greedy, text=text)
     print(format_scores(scores["scores"], official=scores["scores_perl"]))
     print("(BLEU, METEOR, ROUGE-L x100)")
     note = paper_size_note(model.config, args.model or metadata["base_model"])

@@ -176,7 +176,9 @@ def check_decoding_fits(args: argparse.Namespace, config: GPTConfig, device: tor
     # Each beam holds keys and values for every layer and position, and a few vocabulary-wide
     # float32 rows (logits, log-probabilities, candidates).
     beams = args.eval_batch_size * args.beam_size
-    per_beam = 2 * config.n_layer * (longest_prompt + args.max_new_tokens) * config.n_embd * 4 + 3 * config.vocab_size * 4
+    cache_bytes = 2 if args.precision in ("bf16", "fp16") else 4  # the KV cache is kept in the compute dtype
+    per_beam = (2 * config.n_layer * (longest_prompt + args.max_new_tokens) * config.n_embd * cache_bytes
+                + 3 * config.vocab_size * 4)
     memory = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if beams * per_beam > memory:

@@ -17,9 +17,7 @@ Radford et al., 2019, "Language Models are Unsupervised Multitask Learners" (GPT
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +101,9 @@ class LoRAConfig:
 class LoRA(nn.Module):
     """The trainable low-rank update of one frozen projection W0 (out x in).
 
-    h = W0 x + (alpha / r) * B A x,  with A: (r, in) and B: (out, r)   (paper Eq. 3)
+    h = W0 x + (alpha / r) * B A x,  with A: (r, in) and B: (out, r)
+
+    (paper Eq. 3 is h = W0 x + B A x; the scaling by alpha / r is §4.1's.)
 
     B starts at zero, so at initialisation B A = 0 and the model is exactly the pretrained one;
     A starts like an nn.Linear weight (Kaiming-uniform) so gradients reach B from the first step.
@@ -250,9 +250,13 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (in that order), e.g. the beams that survive a beam-search step."""
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        self.key_mask = self.key_mask.index_select(0, rows)
+        """Keep batch rows `rows` (in that order), e.g. the beams that survive a beam-search step.
+        Only the filled positions are copied: the rest of the buffer holds nothing yet."""
+        filled = slice(0, self.length)
+        k, v = (t.new_empty(t.size(0), len(rows), *t.shape[2:]) for t in (self.k, self.v))
+        torch.index_select(self.k[:, :, :, filled], 1, rows, out=k[:, :, :, filled])
+        torch.index_select(self.v[:, :, :, filled], 1, rows, out=v[:, :, :, filled])
+        self.k, self.v, self.key_mask = k, v, self.key_mask.index_select(0, rows)
 
 
 def build_attn_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
@@ -268,6 +272,29 @@ def build_attn_mask(key_mask: torch.Tensor, n_query: int) -> torch.Tensor:
     # see itself; padding outputs are never used, and real queries lose nothing.
     mask[..., S - T :] |= torch.eye(T, dtype=torch.bool, device=key_mask.device)
     return mask
+
+
+def positions_and_mask(idx: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids, (1, T) or (B, T), of the T new tokens in idx, and the attention mask for them
+    (None: plain causal attention). With a cache, records which of the new keys are real tokens."""
+    B, T = idx.shape
+    past = cache.length if cache is not None else 0
+    # Which keys are real tokens: all of them, unless the caller padded.
+    key_mask = None
+    if cache is not None:
+        new = attention_mask.bool() if attention_mask is not None else idx.new_ones(B, T, dtype=torch.bool)
+        cache.key_mask[:, past : past + T] = new
+        key_mask = cache.key_mask[:, : past + T]
+    elif attention_mask is not None:
+        key_mask = attention_mask.bool()
+
+    if key_mask is None:
+        return torch.arange(past, past + T, device=idx.device).unsqueeze(0), None  # (1, T)
+    # Positions count real tokens only, so a left-padded prompt is positioned exactly
+    # like the same prompt without padding.
+    pos = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+    return pos, build_attn_mask(key_mask, T)
 
 
 # -----------------------------------------------------------------------------
@@ -292,6 +319,13 @@ class GPT(nn.Module):
         # dict: a resident adapter's tensors are not parameters of the model.
         self.resident_adapters: dict = {}
         self.active_adapter: str | None = None
+        # Each weight W, (out, in), lies in memory as its transpose, (in, out), the layout GPT-2's
+        # own Conv1D uses: x W^T then reads W^T row by row, which MKL runs 1.1-1.7x faster for the
+        # 1-80 rows of a decoding step (benchmarks/decode.py). Shapes and values are those of
+        # nn.Linear; no memory is added. The tied embedding reads its rows strided, a few per step.
+        for module in [self.wte, *(m for m in self.h.modules() if isinstance(m, nn.Linear))]:
+            module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
+        self.lm_head.weight = self.wte.weight
 
         self._init_base_weights()
         if lora is not None:
@@ -336,24 +370,7 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
 
-        # Which keys are real tokens: all of them, unless the caller padded.
-        key_mask = None
-        if cache is not None:
-            new = attention_mask.bool() if attention_mask is not None else idx.new_ones(B, T, dtype=torch.bool)
-            cache.key_mask[:, past : past + T] = new
-            key_mask = cache.key_mask[:, : past + T]
-        elif attention_mask is not None:
-            key_mask = attention_mask.bool()
-
-        if key_mask is None:
-            pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
-            attn_mask = None
-        else:
-            # Positions count real tokens only, so a left-padded prompt is positioned exactly
-            # like the same prompt without padding.
-            pos = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-            attn_mask = build_attn_mask(key_mask, T)
-
+        pos, attn_mask = positions_and_mask(idx, attention_mask, cache)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
         for block in self.h:
             if self.gradient_checkpointing and self.training:
@@ -399,24 +416,20 @@ class GPT(nn.Module):
 
     # --- mixed precision ----------------------------------------------------------------
 
-    @torch.no_grad()
     def cast_frozen_base(self, dtype: torch.dtype) -> None:
-        """Keep every frozen nn.Linear (weight and bias) in `dtype`: bf16 or fp16 for training or
-        decoding under autocast of that dtype. The matmuls see the very same numbers as before.
+        """Keep every frozen nn.Linear (weight and bias) in `dtype`, bf16 or fp16, for training or
+        decoding under autocast to that dtype: the matmuls see the very same numbers.
 
-        Why: autocast runs these matmuls in `dtype` anyway, but it caches its casts only for
-        weights that require grad, so it re-casts each frozen float32 weight at every forward
-        (gpt2-medium: ~2 GB of memory traffic per step) and keeps the copies for backward
-        (24 MiB per layer). Cast once here instead. What trains stays float32, as does its
-        optimizer state: LoRA's A and B, or with full fine-tuning every weight (nothing is frozen,
-        so this does nothing). LayerNorms and the position embedding stay float32, and with them
-        the residual stream; the token embedding is the LM head's weight (tied), so it is looked
-        up in `dtype` too. Merging sums in float32 and rounds once (merge_lora).
+        Autocast caches its casts only for weights that require grad, so it would re-cast each
+        frozen float32 weight at every forward (gpt2-medium: ~2 GB of memory traffic per step)
+        and keep the copies for backward (24 MiB per layer). What trains stays float32, and so
+        does its optimizer state: LoRA's A and B (with full fine-tuning nothing is frozen, and
+        this does nothing). LayerNorms, the position embedding and so the residual stream stay
+        float32; the token embedding, tied to the LM head, is looked up in `dtype`.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear) and not module.weight.requires_grad:
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
+                module.to(dtype)  # in place: the LM head stays tied to the token embedding
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype attention computes keys and values in: autocast's when it is on (for our
@@ -436,7 +449,7 @@ class GPT(nn.Module):
         """Load official GPT-2 weights: a name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'),
         downloaded once from the Hugging Face hub, or a local model.safetensors /
         pytorch_model.bin file or a folder holding one."""
-        from lora_min.weights import load_checkpoint, resolve_checkpoint
+        from lora_min.weights import config_for_checkpoint, load_checkpoint, resolve_checkpoint
 
         path = resolve_checkpoint(str(name_or_path), cache_dir)
         state = load_checkpoint(path)
@@ -458,69 +471,19 @@ class GPT(nn.Module):
         The official checkpoints come from a Conv1D layer that stores weights as (in, out);
         nn.Linear stores (out, in), so those four matrices per block are transposed.
         """
-        state = {k.removeprefix("transformer."): v for k, v in state.items() if not is_ignored_key(k)}
+        from lora_min.weights import checked_base_state
+
         own = {k: v for k, v in self.state_dict().items() if not is_lora_param(k) and k != "lm_head.weight"}
-        missing = sorted(own.keys() - state.keys())
-        unexpected = sorted(state.keys() - own.keys())
-        if missing or unexpected:
-            raise KeyError(
-                f"{source}: does not match GPT-2 {self.config}: "
-                f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        for key, value in state.items():
-            if key.endswith(CONV1D_WEIGHTS):
-                value = value.t()
-            if value.shape != own[key].shape:
-                raise ValueError(
-                    f"{source}: key {key!r} has shape {tuple(value.shape)} (after transposing "
-                    f"Conv1D weights), the model expects {tuple(own[key].shape)}"
-                )
-            own[key].copy_(value)
+        for key, value in checked_base_state(state, own, source, self.config).items():  # our names, shapes checked
+            own[key].copy_(value.t() if key.endswith(CONV1D_WEIGHTS) else value)
 
 
 # Names of the official Conv1D weights, stored (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def is_ignored_key(key: str) -> bool:
-    """Keys of official checkpoints that hold no weights of ours: the tied LM head and the
-    causal-mask buffers that older transformers versions saved."""
-    return key.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))
-
-
 def is_lora_param(name: str) -> bool:
     return ".lora." in name
-
-
-def config_for_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> GPTConfig:
-    """The configuration from a config.json beside the weights, else from the tensor shapes."""
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    if config_file.is_file():
-        try:
-            hf = json.loads(config_file.read_text())
-            return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                             vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
-        except KeyError as err:
-            raise KeyError(f"{config_file}: missing key {err} of a GPT-2 config") from None
-        except (ValueError, TypeError) as err:  # not JSON (or not an object), or a bad value
-            raise ValueError(f"{config_file}: not a valid GPT-2 config: {err}") from None
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in state:
-            raise KeyError(f"{path}: no {key!r}; is this a GPT-2 checkpoint?")
-    vocab_size, n_embd = state["wte.weight"].shape
-    n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
-    # The shapes do not tell the number of heads; every official size uses 64-dimensional heads.
-    how = f"put the model's config.json (with n_head) beside it, at {config_file}"
-    if n_embd % 64:
-        raise ValueError(f"{path}: no config.json, and n_embd={n_embd} is not a multiple of the usual "
-                         f"head size 64, so the number of heads is unknown; {how}")
-    if n_embd not in {size["n_embd"] for size in GPT2_SIZES.values()}:
-        warnings.warn(f"{path}: no config.json; assuming 64-dimensional heads, so n_head = {n_embd // 64} "
-                      f"for n_embd={n_embd}. If that is wrong, {how}", stacklevel=3)
-    return GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
-                     vocab_size=vocab_size, block_size=state["wpe.weight"].shape[0])
 
 
 # -----------------------------------------------------------------------------

@@ -116,8 +116,10 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
         ax.plot(*zip(*dev), "o-", label="dev loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per token")
-    ax.set_ylim(bottom=0)  # from zero, so the size of a drop is seen as it is (a 2% drop looks like 2%)
-    ax.legend()
+    # From zero, so that a drop looks as large as it is (a 2% drop, 2% of the height); the legend
+    # goes below the curves, where a falling loss leaves room.
+    ax.set_ylim(0, 1.1 * max(loss for _, loss in train_points + dev) if train_points + dev else None)
+    ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write_bytes(png_path, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -26,6 +26,7 @@ import torch
 
 from lora_min.download import download_file
 from lora_min.fileio import atomic_write_bytes
+from lora_min.model import CONV1D_WEIGHTS, GPT2_SIZES, GPTConfig
 
 # safetensors dtype names <-> torch dtypes (the subset GPT-2 checkpoints and LoRA need).
 DTYPES: dict[str, torch.dtype] = {
@@ -234,6 +235,23 @@ def warn_if_not_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                       "a model using them computes NaN", stacklevel=3)
 
 
+HUB_FILES = ("config.json", "model.safetensors")  # what resolve_checkpoint fetches for a GPT-2 name
+
+
+def hub_cache_folder(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where GPT-2 `name`'s files are kept: <cache_dir, else $LORA_MIN_CACHE, else ~/.cache/lora_min>/<name>."""
+    return Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser() / name
+
+
+def files_to_download(name: str) -> str:
+    """A sentence naming GPT-2 `name`'s files that are not in the cache yet, and where they come from
+    ("" if all are there, or if `name` is no GPT-2 name): so that an offline user learns it all at once."""
+    folder = hub_cache_folder(name) if name in HUB_NAMES else None
+    missing = [filename for filename in HUB_FILES if folder and not (folder / filename).is_file()]
+    return (f"Still to download for {name}: {' and '.join(missing)} from {HUB_URL}/{HUB_NAMES[name]}/resolve/main/ "
+            f"into {folder}/." if missing else "")
+
+
 def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -> Path:
     """Turn a path or a GPT-2 name into a local checkpoint path, downloading if needed.
 
@@ -247,13 +265,77 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path not in HUB_NAMES:
         raise ValueError(f"{name_or_path!r} is not an existing file or folder, nor one of the GPT-2 "
                          f"names {', '.join(HUB_NAMES)}")
-    cache = Path(cache_dir or os.environ.get("LORA_MIN_CACHE") or "~/.cache/lora_min").expanduser()
-    folder = cache / name_or_path
+    folder = hub_cache_folder(name_or_path, cache_dir)
     hub_folder = f"{HUB_URL}/{HUB_NAMES[name_or_path]}/resolve/main"
     hint = (f"Offline? Download {hub_folder}/config.json and {hub_folder}/model.safetensors by hand (browser, "
             f"curl) into {folder}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min), or into any "
             "folder and give that folder instead of the name (train.py --model PATH, GPT.from_pretrained(PATH)).")
-    for filename in ("config.json", "model.safetensors"):
+    for filename in HUB_FILES:
         if not (folder / filename).is_file():
             download_file(f"{hub_folder}/{filename}", folder / filename, desc=f"{name_or_path} {filename}", hint=hint)
     return folder / "model.safetensors"
+
+
+# -----------------------------------------------------------------------------
+# An official GPT-2 checkpoint, checked against our model (GPT.from_pretrained, load_base_weights)
+
+
+def is_ignored_key(key: str) -> bool:
+    """Keys of official checkpoints that hold no weights of ours: the tied LM head and the
+    causal-mask buffers that older transformers versions saved."""
+    return key.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))
+
+
+def config_for_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> GPTConfig:
+    """The configuration from a config.json beside the weights, else from the tensor shapes."""
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if config_file.is_file():
+        try:
+            hf = json.loads(config_file.read_text())
+            return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                             vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+        except KeyError as err:
+            raise KeyError(f"{config_file}: missing key {err} of a GPT-2 config") from None
+        except (ValueError, TypeError) as err:  # not JSON (or not an object), or a bad value
+            raise ValueError(f"{config_file}: not a valid GPT-2 config: {err}") from None
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in state:
+            raise KeyError(f"{path}: no {key!r}; is this a GPT-2 checkpoint?")
+    vocab_size, n_embd = state["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
+    # The shapes do not tell the number of heads; every official size uses 64-dimensional heads.
+    how = f"put the model's config.json (with n_head) beside it, at {config_file}"
+    if n_embd % 64:
+        raise ValueError(f"{path}: no config.json, and n_embd={n_embd} is not a multiple of the usual "
+                         f"head size 64, so the number of heads is unknown; {how}")
+    if n_embd not in {size["n_embd"] for size in GPT2_SIZES.values()}:
+        warnings.warn(f"{path}: no config.json; assuming 64-dimensional heads, so n_head = {n_embd // 64} "
+                      f"for n_embd={n_embd}. If that is wrong, {how}", stacklevel=3)
+    return GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
+                     vocab_size=vocab_size, block_size=state["wpe.weight"].shape[0])
+
+
+def checked_base_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str,
+                       config: GPTConfig) -> dict[str, torch.Tensor]:
+    """An official GPT-2 state dict under our key names ('transformer.' dropped, the tied LM head
+    and old mask buffers left out), once its keys are exactly those of `own` (the model's base
+    weights) and every shape fits, Conv1D weights (stored (in, out)) transposed.
+    Raises KeyError or ValueError naming `source`."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if not is_ignored_key(k)}
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise KeyError(
+            f"{source}: does not match GPT-2 {config}: "
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, value in state.items():
+        shape = value.shape[::-1] if key.endswith(CONV1D_WEIGHTS) else value.shape
+        if shape != own[key].shape:
+            raise ValueError(
+                f"{source}: key {key!r} has shape {tuple(shape)} (after transposing "
+                f"Conv1D weights), the model expects {tuple(own[key].shape)}"
+            )
+    return state

@@ -454,15 +454,17 @@ def test_import_peft_refuses_an_adapter_made_for_fewer_layers(hf_base, tmp_path)
     ('{"peft_type": "LORA", "r": 2, "lora_alpha": "eight"}', "lora_alpha for transformer.h.0.attn.c_attn is 'eight'"),
     ('{"peft_type": "LORA", "r": 2, "lora_alpha": 8, "lora_dropout": "none"}', "lora_dropout is 'none'"),
 ])
-def test_a_corrupt_adapter_config_json_is_named(hf_base, tmp_path, config_text, problem):
+def test_a_corrupt_adapter_config_json_is_named(hf_base, tmp_path, config_text, problem, capsys):
     peft_trained_elsewhere(hf_base, tmp_path / "peft", r=2, target_modules=["c_attn"])
     (tmp_path / "peft" / "adapter_config.json").write_text(config_text)
-    for load in (lambda: import_peft(tmp_path / "peft", CONFIG),
-                 lambda: adapters.main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"),
-                                        "--base", str(hf_base)])):
-        with pytest.raises(ValueError, match=problem) as info:
-            load()
-        assert str(tmp_path / "peft") in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=problem) as info:
+        import_peft(tmp_path / "peft", CONFIG)
+    assert str(tmp_path / "peft") in str(info.value) and "\n" not in str(info.value)
+    capsys.readouterr()  # drop what making the PEFT adapter printed
+    with pytest.raises(SystemExit) as exit_info:  # the command prints the same one line
+        adapters.main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "a.safetensors"), "--base", str(hf_base)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"python -m lora_min.adapters import-peft: error: {info.value}\n"
 
 
 def test_export_merged_loads_in_transformers_with_the_same_logits(hf_base, tmp_path):
@@ -511,3 +513,13 @@ def test_cli_help_explains_every_argument(command, capsys):
     for i, line in enumerate(positionals):
         if line.split()[0] in names:
             assert len(line.split()) > 1 or positionals[i + 1].startswith("   "), line
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "not-an-adapter.safetensors").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        adapters.main(["export-merged", str(tmp_path / "not-an-adapter.safetensors"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m lora_min.adapters export-merged: error: {tmp_path / 'not-an-adapter.safetensors'}")
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ all but a few run with `-m slow`.
 """
 import csv
 import importlib.util
+import io
 import sys
 import time
 from pathlib import Path
@@ -204,11 +205,27 @@ def test_the_per_sequence_mean_is_named_only_when_that_is_the_mistake(tmp_path):
         "per_token_mean"]
 
 
+def test_the_instructor_guide_shows_the_grader_s_real_output(tmp_path):
+    readme = (ASSIGNMENTS_DIR / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("$ python grade.py assignment6 assignment6_kv_cache.py\n")[1].split("```")[0]
+    student = plant(tmp_path, "assignment6", ".tril(diagonal=S - T)", ".tril()")
+    out = io.StringIO()
+    grade.report(grade.grade("assignment6", student, isolated=False), student.name, out)
+    assert out.getvalue() == shown
+
+
 def test_calling_lora_min_instead_of_writing_it_is_a_violation(tmp_path):
     student = write(tmp_path, "assignment4", "from lora_min.data import masked_lm_loss\n")
     score = grade.grade("assignment4", student, isolated=False)
     assert score.points == 0 and score.violations == [
         "line 1 imports lora_min.data.masked_lm_loss, the reference it is graded against: write it yourself"]
+
+
+def test_log_of_softmax_is_named_when_large_logits_break_it(tmp_path):
+    student = plant(tmp_path, "assignment4", "torch.log_softmax(logits[loss_mask].float(), dim=-1)",
+                    "torch.log(torch.softmax(logits[loss_mask].float(), dim=-1))")
+    reason = failed(grade.grade("assignment4", student, isolated=False))["stable"]
+    assert reason.startswith("the loss is nan for logits of size ~1000, where the answer is finite: log(softmax) underflows")
 
 
 def test_a_crash_names_the_student_line(tmp_path):

@@ -201,6 +201,39 @@ def count_forward_calls(model: GPT) -> list[int]:
     return calls
 
 
+def rows_per_step(model: GPT) -> list[int]:
+    """Rows the model sees at each decoding step (the prompt pass, the one with a mask, not counted)."""
+    rows = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: None if "attention_mask" in kwargs
+                                    else rows.append(args[0].size(0)), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])  # 1: greedy
+def test_finished_prompts_leave_the_batch(beam_size):
+    """A batch costs what its live rows cost: at each step the model sees, for every prompt, the rows
+    that prompt's own one-prompt decoding has at that step (none once it is done), and the outputs
+    are the one-prompt ones."""
+    model = tiny_model(vocab_size=11, seed=3, block_size=32)
+    prompts = random_prompts(11, [3, 1, 6, 2, 4, 5], seed=2)
+    settings = dict(max_new_tokens=12, eos_ids=(0, 1))
+    def decode(batch):
+        if beam_size == 1:
+            return greedy(model, batch, **settings)
+        return beam_search(model, batch, beam_size, no_repeat_ngram_size=2, **settings)
+
+    rows = rows_per_step(model)
+    alone, rows_alone = [], []
+    for p in prompts:
+        alone += decode([p])
+        rows_alone.append(rows.copy())
+        rows.clear()
+    steps = max(len(r) for r in rows_alone)
+    assert len({len(r) for r in rows_alone}) >= 3, rows_alone  # prompts finish at different steps
+    assert decode(prompts) == alone
+    assert rows == [sum(r[s] for r in rows_alone if s < len(r)) for s in range(steps)]
+
+
 def test_decoding_stops_as_soon_as_every_prompt_is_finished():
     model = tiny_model(vocab_size=5)
     calls = count_forward_calls(model)

@@ -3,7 +3,8 @@ mocked torch.cuda (what a GPU machine would report)."""
 import pytest
 import torch
 
-from lora_min.device import autocast, pick_device, pick_precision
+from lora_min.device import autocast_for, pick_device, pick_precision
+from lora_min.flags import ConfigError
 
 
 def fake_gpu(monkeypatch, *, bf16: str) -> None:
@@ -27,7 +28,7 @@ def test_auto_picks_the_cpu_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="--device cuda: no CUDA GPU"):
+    with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU"):
         pick_device("cuda")
 
 
@@ -41,13 +42,13 @@ def test_auto_precision_is_bf16_only_where_the_gpu_computes_in_bf16(monkeypatch,
 @pytest.mark.parametrize("bf16", ["emulated", "none"])
 def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_refused(monkeypatch, bf16):
     fake_gpu(monkeypatch, bf16=bf16)
-    with pytest.raises(ValueError, match="--precision bf16: this GPU has no bfloat16"):
+    with pytest.raises(ConfigError, match="--precision bf16: this GPU has no bfloat16"):
         pick_precision("bf16", torch.device("cuda:0"))
     assert pick_precision("fp16", torch.device("cuda:0")) == "fp16"
 
 
 def test_mixed_precision_is_refused_on_mps():
-    with pytest.raises(ValueError, match="--precision fp16: mixed precision runs on CUDA or the CPU"):
+    with pytest.raises(ConfigError, match="--precision fp16: mixed precision runs on CUDA or the CPU"):
         pick_precision("fp16", torch.device("mps"))
     assert pick_precision("auto", torch.device("mps")) == "fp32"
 
@@ -55,5 +56,5 @@ def test_mixed_precision_is_refused_on_mps():
 def test_autocast_runs_matmuls_in_the_precision():
     x = torch.randn(2, 3)
     for precision, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
-        with autocast(precision, torch.device("cpu")):
+        with autocast_for(precision, torch.device("cpu")):
             assert (x @ x.t()).dtype == dtype

@@ -128,7 +128,7 @@ def test_help_shows_the_defaults(capsys):
         main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     for default in ("(default: test)", "(default: 10)", "(default: 0.9)", "(default: 4)", "(default: 64)",
-                    "(default: 8)", "(default: eval/ beside the adapter"):
+                    "(default: 8)", "(default: eval/ beside the adapter", "(default: auto)"):
         assert default in shown
 
 
@@ -142,6 +142,16 @@ def tiny_adapter(tmp_path):
             update.B.normal_()
     save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
     return tmp_path / "adapter.safetensors", model
+
+
+def test_command_line_scores_with_the_text_the_adapter_was_trained_on(tmp_path):
+    _, model = tiny_adapter(tmp_path)
+    save_adapter(model, tmp_path / "raw.safetensors", base_model=str(tmp_path / "base"),
+                 extra_metadata={"text": "raw-csv"})  # what train.py --text raw-csv records
+    for flags, expected in (([], "raw-csv"), (["--text", "paper"], "paper")):
+        assert main(["--adapter", str(tmp_path / "raw.safetensors"), "--data-dir", "demo", "--limit", "1",
+                     "--greedy", "--max-new-tokens", "2", *flags]) == 0
+        assert json.loads((tmp_path / "eval" / "scores.json").read_text())["text"] == expected
 
 
 def test_command_line_decodes_on_the_gpu_under_autocast_when_there_is_one(tmp_path, monkeypatch):
@@ -187,6 +197,15 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
     assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected
 
 
+def test_a_missing_base_is_one_line_not_a_traceback(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "gone"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: '{tmp_path / 'gone'}' is not an existing file")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+
 @pytest.mark.parametrize("flags, message", [(["--beam-size", "0"], "--beam-size must be a positive integer"),
                                             (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0"),
                                             (["--batch-size", "0"], "--batch-size must be a positive integer")])
@@ -196,3 +215,13 @@ def test_command_line_names_a_bad_decoding_flag(tmp_path, capsys, flags, message
     with pytest.raises(SystemExit):
         main(["--adapter", str(adapter), *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_is_one_line_before_any_work(tmp_path, capsys):
+    model = GPT(TINY, lora=LoRAConfig(r=2, alpha=4))
+    export_merged(GPT(TINY), tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter.safetensors", base_model=str(tmp_path / "base"))
+    assert main(["--adapter", str(tmp_path / "adapter.safetensors"), "--data-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m lora_min.evaluate: error: {tmp_path / 'nope'} lacks trainset.csv")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "nope").exists()  # a named folder is never downloaded into

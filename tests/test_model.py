@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_min.model import GPT, GPTConfig, KVCache, LoRAConfig, count_trainable, lora_state_dict
+from lora_min.model import GPT, GPTConfig, KVCache, LoRA, LoRAConfig, count_trainable, lora_state_dict
 
 TARGET_SETS = st.lists(st.sampled_from(["q", "k", "v", "o"]), min_size=1, max_size=4, unique=True)
 
@@ -71,8 +71,9 @@ def test_merged_equals_unmerged_and_unmerge_restores(cfg, batch, length, seed):
         merged = model(idx)
         model.merge_lora()  # merging twice is a no-op, never a double add
         assert torch.equal(model(idx), merged)
-    # float32: the two orders of summation differ by rounding only.
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    # float32: the two orders of summation differ by rounding only, which grows with the update's
+    # size (alpha / r up to 64 here).
+    torch.testing.assert_close(merged, unmerged, atol=1e-5 * max(1.0, lora.scale), rtol=1e-4)
     model.unmerge_lora()
     model.unmerge_lora()  # a no-op too
     for key, value in model.state_dict().items():
@@ -135,19 +136,28 @@ def test_one_optimizer_step_changes_only_lora_tensors(cfg, seed):
 
 
 def test_lora_dropout_applies_to_the_input_of_A_only_in_training():
+    """Training: scale * B A dropout(x), with the very draws nn.Dropout makes (not dropout on the
+    output, nor on W0 x); evaluation: scale * B A x."""
+    torch.manual_seed(0)
+    update = LoRA(6, 5, LoRAConfig(r=2, alpha=4, dropout=0.5))
+    torch.nn.init.normal_(update.B)
+    x = torch.randn(3, 4, 6)
+    update.train()
+    torch.manual_seed(1)
+    trained = update(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # the same random draws
+    assert (dropped == 0).any() and not torch.equal(dropped, x)
+    torch.testing.assert_close(trained, dropped @ update.A.T @ update.B.T * update.scale)
+    update.eval()
+    torch.testing.assert_close(update(x), x @ update.A.T @ update.B.T * update.scale)
+
+    # In the model, only the LoRA path is dropped: with B = 0 a training forward is the base model's.
     config = GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=7, block_size=8)
-    model = GPT(config, LoRAConfig(r=2, dropout=0.5, targets=("q",)))
-    randomize_lora(model, 0)
+    model = GPT(config, LoRAConfig(r=2, dropout=0.9, targets=("q", "v")))
     idx = torch.tensor([[1, 2, 3, 4]])
-    model.eval()
     with torch.no_grad():
-        assert torch.equal(model(idx), model(idx))
-        model.train()
-        torch.manual_seed(0)
-        a = model(idx)
-        torch.manual_seed(1)
-        b = model(idx)
-    assert not torch.equal(a, b)
+        assert torch.equal(model.train()(idx), model.eval()(idx))
 
 
 @given(configs(), st.booleans(), st.integers(1, 3), st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**16))

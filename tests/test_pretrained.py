@@ -53,6 +53,7 @@ TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13
                        [40, 1842, 284, 4483, 6729, 355, 257, 1310, 286, 50256]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["hub file", "save_pretrained folder", "pytorch_model.bin"])
 def test_logits_match_transformers(reference, layout):
     hf, paths = reference
@@ -64,6 +65,7 @@ def test_logits_match_transformers(reference, layout):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_model_loads_the_same_base_and_matches(reference):
     hf, paths = reference
     model = GPT.from_pretrained(paths["hub file"], lora=LoRAConfig()).eval()
@@ -74,6 +76,7 @@ def test_lora_model_loads_the_same_base_and_matches(reference):
         assert torch.all(update.B == 0) and update.A.isfinite().all() and update.A.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_generate(reference):
     hf, paths = reference
     model = GPT.from_pretrained(paths["hub file"]).eval()

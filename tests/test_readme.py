@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_python_snippet_prints_what_the_readme_shows(monkeypatch):
     text = README.read_text(encoding="utf-8")
-    code, shown = re.search(r"In Python:\n\n```python\n(.*?)```\n\nprints\n\n```text\n(.*?)```", text, re.S).groups()
+    code, shown = re.search(r"```python\n((?:(?!```).)*?)```\n\nprints\n\n```text\n(.*?)```", text, re.S).groups()
 
     def offline_gpt2(name, lora=None):  # GPT-2's shape with random weights: what is printed does not depend on them
         return GPT(GPTConfig.from_name(name), lora)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lora_min.runlog import append_log, format_bytes, format_duration, show_progress, truncate_log
+from lora_min.runlog import append_log, format_bytes, format_duration, plot_losses, show_progress, truncate_log
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (9_300, "9.3 kB"),
@@ -28,6 +28,19 @@ def test_truncate_log_drops_the_records_after_the_checkpoint(tmp_path):
     truncate_log(path, 4)
     assert [json.loads(line) for line in path.read_text().splitlines()] == (
         [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 4, "dev_loss": 0.5}])
+
+
+def test_loss_plot_starts_at_zero(tmp_path, monkeypatch):
+    """A 2% drop near 10.5 must look like 2% of the plot's height, not fill it."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    for step, loss in [(5, 10.62), (10, 10.5), (15, 10.41)]:
+        append_log(tmp_path / "log.jsonl", {"step": step, "loss": loss})
+    append_log(tmp_path / "log.jsonl", {"step": 15, "dev_loss": 10.4})
+    assert plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png") and (tmp_path / "loss.png").is_file()
+    bottom, top = closed[0].axes[0].get_ylim()
+    assert bottom == 0 and top == pytest.approx(1.1 * 10.62)
 
 
 def test_truncate_log_drops_a_half_written_last_line_with_a_warning(tmp_path, capsys):

@@ -106,11 +106,13 @@ def run_offline(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_tokenizer_works_with_the_network_blocked(tmp_path):
-    done = run_offline("from lora_min.data import encode_example, get_tokenizer\n"
-                       "print(get_tokenizer().decode(list(encode_example('name[Blue Heron]', 'Hi.').input_ids)))",
-                       tmp_path)
+    text = "name : Blue Heron | Type : pub<|endoftext|> Hi."
+    done = run_offline("from lora_min.data import get_tokenizer\n"
+                       f"ids = get_tokenizer().encode({text!r}, allowed_special='all')\n"
+                       "print(ids, get_tokenizer().decode(ids))", tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "name : Blue Heron<|endoftext|> Hi.<|endoftext|>\n"
+    ids = get_tokenizer().encode(text, allowed_special="all")
+    assert EOT in ids and done.stdout == f"{ids} {text}\n"
     # The block is real: tiktoken's own gpt2, which downloads its files, fails under it.
     blocked = run_offline("import tiktoken; tiktoken.get_encoding('gpt2')", tmp_path)
     assert blocked.returncode != 0 and "network blocked by the test" in blocked.stderr

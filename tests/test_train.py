@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,14 @@ import torch
 
 import lora_min.metrics
 import train  # the script at the top of the repository (pyproject's pytest `pythonpath`)
-from lora_min import adapters, evaluate
+from lora_min import adapters, data, evaluate
 from lora_min.adapters import load_adapter, model_from_adapter, read_adapter_metadata
 from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_batches, group_references, load_split,
                            read_e2e_csv, references_for_scoring)
 from lora_min.demo import DEMO_CONFIG
+from lora_min.device import HALF_DTYPES
 from lora_min.distributed import Dist
+from lora_min.download import DownloadError
 from lora_min.model import GPT, GPTConfig, lora_state_dict
 from lora_min.weights import read_safetensors
 
@@ -100,6 +103,7 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_steps(tmp_path):
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_steps_as_eager(tmp_path):
     """--compile (torch.compile; on the CPU it needs a C++ compiler and ~20 s to compile) gives
     the eager run's losses and adapter, to float32 rounding. Two steps at a high learning rate, so
@@ -131,6 +135,7 @@ def start_and_interrupt(args: list[str], when: str, signum: int) -> int:
     return proc.wait(timeout=120)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_sigterm_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     run = TINY + ["--max-steps", "16", "--save-every", "4"]  # LoRA dropout stays on: RNG state matters
     full, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
@@ -256,11 +261,14 @@ def test_a_full_disk_is_one_line_that_says_resume_continues(tmp_path, monkeypatc
 
 # --------------------------------------------------------------------------- data parallel
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of every batch of 8; the loss of
     every step, the dev loss and the adapter match one process within float32 rounding
     (the all-reduce sums gradients in another order): losses to 1e-5 relative, adapter
-    entries to 1e-6 absolute (they are ~1e-2)."""
+    entries to 1e-3 relative (1e-5 absolute near zero). Adam divides by sqrt(v), so the order's
+    rounding in a small gradient moves a weight by far more than float32's 1e-7; a DDP bug (say,
+    gradients summed, not averaged) moves them by tens of percent."""
     run = TINY + ["--batch-size", "8", "--max-steps", "4", "--lora-dropout", "0", "--dev-every", "2",
                   "--dev-limit", "24"]
     one = run_script(run + ["--out", str(tmp_path / "one")])
@@ -281,8 +289,34 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     a, _ = read_safetensors(tmp_path / "one" / "adapter.safetensors")
     b, _ = read_safetensors(tmp_path / "two" / "adapter.safetensors")
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
         assert a[name].abs().max() > 1e-4  # B moved away from zero: the comparison means something
+
+
+def prepare_while_rank_0_downloads(rank: int, port: int, model_path: str, out: str) -> None:
+    """One process of a 2-process gloo job whose collectives time out after 2 s, as NCCL's do after
+    10 minutes; rank 0's download of the weights takes 4 s."""
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=2))
+    resolve_checkpoint = train.resolve_checkpoint
+    train.resolve_checkpoint = lambda name: time.sleep(4) or resolve_checkpoint(name)
+    args, _ = train.parse_args(["--model", model_path, "--data-dir", "demo", "--out", out])
+    _, _, model = train.prepare(args, train.Dist(rank, 2, rank), say=print)
+    assert model.config.n_layer == 1
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_other_processes_wait_for_rank_0s_download_beyond_the_jobs_timeout(tmp_path):
+    from lora_min.hf_interop import export_merged
+
+    export_merged(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8)), tmp_path / "base")
+    torch.multiprocessing.spawn(prepare_while_rank_0_downloads, nprocs=2,
+                                args=(free_port(), str(tmp_path / "base"), str(tmp_path / "out")))
 
 
 def free_port() -> int:
@@ -309,6 +343,7 @@ def loss_with_events(multiply_at: int | None = None, by: float = 1e30, sigterm_a
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_like_fp32_and_resumes_exactly(tmp_path, monkeypatch, precision):
     """The autocast and grad-scaler code that CUDA runs use, run on the CPU. The losses stay near
@@ -320,7 +355,13 @@ def test_mixed_precision_trains_like_fp32_and_resumes_exactly(tmp_path, monkeypa
     overflow_at = 1 if precision == "fp16" else None
     assert train.main(run + ["--out", str(tmp_path / "fp32")]) == 0
     monkeypatch.setattr(train, "masked_lm_loss", loss_with_events(overflow_at))
+    trained, make_optimizer = [], train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda model, *args: trained.append(model) or make_optimizer(model, *args))
     assert train.main(run + ["--precision", precision, "--out", str(tmp_path / "whole")]) == 0
+    # The frozen base trained in bf16/fp16 (GPT.cast_frozen_base), LoRA's A and B in float32.
+    dtypes = {name: p.dtype for name, p in trained[0].named_parameters()}
+    assert {dtypes[n] for n in dtypes if ".c_" in n or n == "wte.weight"} == {HALF_DTYPES[precision]}
+    assert {dtypes[n] for n in dtypes if ".lora." in n} == {torch.float32}
     monkeypatch.setattr(train, "masked_lm_loss", loss_with_events(overflow_at, sigterm_at=2))
     stopped = run + ["--precision", precision, "--out", str(tmp_path / "stopped")]
     assert train.main(stopped) == 128 + signal.SIGTERM
@@ -395,6 +436,20 @@ def test_bad_flags_fail_before_training_naming_the_flag(tmp_path, capsys, flags,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "empty"]  # no --out folder was made
 
 
+def test_bf16_on_a_gpu_that_only_emulates_it_is_refused_and_auto_picks_fp16(tmp_path, monkeypatch, capsys):
+    """T4, V100, RTX 20xx: torch.cuda.is_bf16_supported() is True there unless asked without emulation."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train.main(TINY + ["--precision", "bf16", "--out", str(tmp_path / "out")]) == 2
+    assert "--precision bf16: this GPU has no bfloat16" in capsys.readouterr().err
+    picked = []  # what main hands the training loop, with --precision auto
+    monkeypatch.setattr(train, "prepare", lambda *args: ([], [], None))
+    monkeypatch.setattr(train, "run_training", lambda args, dist, say, started, model, device, precision, *rest:
+                        picked.append((device, precision)) or 0)
+    assert train.main(TINY + ["--out", str(tmp_path / "out")]) == 0
+    assert picked == [(torch.device("cuda:0"), "fp16")]
+
+
 def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -455,6 +510,7 @@ def test_full_fine_tuning_trains_every_weight_and_saves_the_official_layout(tmp_
 
 # --------------------------------------------------------------------------- the demo
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     """`python train.py --demo`, shortened: train, save, plot, decode and score."""
     out = tmp_path / "demo"
@@ -513,7 +569,7 @@ def test_the_demo_adapter_goes_through_every_adapter_command(tmp_path, monkeypat
     assert train.main(TINY + ["--max-steps", "2", "--out", str(out)]) == 0
     adapter = out / "adapter.safetensors"
     metadata = read_adapter_metadata(adapter)
-    assert (metadata["base_model"], metadata["data_dir"]) == ("demo", "demo")
+    assert (metadata["base_model"], metadata["data_dir"], metadata["text"]) == ("demo", "demo", "paper")
 
     monkeypatch.setattr(lora_min.metrics, "meteor", lambda hyps, refs: (None, "not run in this test"))
     monkeypatch.setenv("LORA_MIN_E2E_DIR", str(tmp_path / "no-such-folder"))  # the adapter's data_dir wins
@@ -541,9 +597,27 @@ def test_a_second_demo_says_it_replaces_the_first(tmp_path, capsys):
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_trains_on_the_real_e2e_data_too(e2e_dir, tmp_path, capsys):
     out = tmp_path / "demo-e2e"
     assert train.main(TINY + ["--data-dir", str(e2e_dir), "--max-steps", "2", "--out", str(out)]) == 0
     assert "42,061 training examples" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["data_dir"] == str(e2e_dir)
     assert len(train_losses(out)) == 2
+
+
+def test_an_offline_first_run_names_the_data_and_the_weights_at_once(tmp_path, monkeypatch, capsys):
+    """Not one missing piece per run: the data error also says which GPT-2 files are still to come."""
+    def offline(url, dest, *, hint="", **kwargs):
+        raise DownloadError(f"could not download {url} to {dest}: no network. {hint}")
+
+    monkeypatch.delenv("LORA_MIN_E2E_DIR", raising=False)
+    monkeypatch.setattr(data, "DEFAULT_E2E_DIR", tmp_path / "data" / "e2e")
+    monkeypatch.setattr(data, "download_file", offline)
+    monkeypatch.setenv("LORA_MIN_CACHE", str(tmp_path / "cache"))
+    assert train.main(["--out", str(tmp_path / "runs" / "first")]) == 2
+    err = capsys.readouterr().err
+    assert "could not download" in err and "To get the data by hand" in err
+    assert ("Still to download for gpt2: config.json and model.safetensors from "
+            f"https://huggingface.co/openai-community/gpt2/resolve/main/ into {tmp_path / 'cache' / 'gpt2'}/.") in err
+    assert list(tmp_path.iterdir()) == []  # and no empty data, cache or run folder is left behind

@@ -158,3 +158,19 @@ def test_verbose_flag_prints_the_chapter_output(tmp_path, monkeypatch, capsys):
     assert run.main(["-v", str(chapter)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("--- 99_test.md, code block at line 1\n42\nok  99_test.md")
+
+
+def test_toy_claim_asserts_at_small_size_and_reports_at_laptop(monkeypatch, capsys):
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        import toy
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "small")
+    toy.claim(True, "holds")
+    with pytest.raises(AssertionError, match="LoRA wins"):
+        toy.claim(False, "LoRA wins")
+    monkeypatch.setenv("LORA_MIN_TUTORIAL_SIZE", "laptop")
+    toy.claim(True, "holds")
+    toy.claim(False, "LoRA wins")
+    assert capsys.readouterr().out == "at this size, not so: LoRA wins\n"

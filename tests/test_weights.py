@@ -365,3 +365,16 @@ def test_resolve_offline_fails_fast_with_hint(tmp_path, monkeypatch):
     assert f"into {tmp_path / 'gpt2-xl'}/ (the cache folder: $LORA_MIN_CACHE, else ~/.cache/lora_min)" in message
     assert "train.py --model PATH" in message
     assert not (tmp_path / "gpt2-xl").exists()  # nothing half-written, not even an empty folder
+
+
+def test_files_to_download_names_only_what_the_cache_lacks(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_MIN_CACHE", str(tmp_path))
+    assert weights.files_to_download("gpt2-medium") == (
+        "Still to download for gpt2-medium: config.json and model.safetensors from "
+        f"https://huggingface.co/openai-community/gpt2-medium/resolve/main/ into {tmp_path / 'gpt2-medium'}/.")
+    (tmp_path / "gpt2-medium").mkdir()
+    (tmp_path / "gpt2-medium" / "config.json").write_text("{}")
+    assert "for gpt2-medium: model.safetensors from" in weights.files_to_download("gpt2-medium")
+    (tmp_path / "gpt2-medium" / "model.safetensors").write_bytes(b"")
+    assert weights.files_to_download("gpt2-medium") == ""
+    assert weights.files_to_download(str(tmp_path)) == weights.files_to_download("demo") == ""  # not hub names

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import torch
 
@@ -96,6 +97,16 @@ def train(model: GPT, task: str, steps: int, lr: float, *, batch_size: int = 16,
         optimizer.step()
     curve.append((steps, accuracy(model, task)))
     return curve
+
+
+def claim(holds: bool, text: str) -> None:
+    """A chapter's claim about its toy runs. The text was written from the `small` runs, which the
+    tests check: there a claim must hold. At another size (--size laptop) the runs differ, and a
+    claim that does not hold there is reported rather than raised."""
+    if os.environ.get("LORA_MIN_TUTORIAL_SIZE", "small") == "small":
+        assert holds, text
+    elif not holds:
+        print(f"at this size, not so: {text}")
 
 
 @functools.lru_cache(maxsize=4)

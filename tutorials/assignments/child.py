@@ -1,6 +1,6 @@
 """The child process of the grader: runs a submission on the inputs the grader chose.
 
-    python -I child.py CHECKS_FILE SUBMISSION_FILE LIBRARY_DIR      (started by grade.py only)
+    python -I child.py CHECKS_FILE SUBMISSION_FILE LIBRARY_DIR MEMORY_BYTES    (started by grade.py only)
 
 It runs in an empty working folder that holds `inputs.pt` (the cases: which probe to run on
 which inputs) and a copy of the submission. It imports torch, lora_min and the assignment's
@@ -132,8 +132,18 @@ def install_audit_hook(workdir: str, private_dir: str) -> None:
     sys.addaudithook(hook)
 
 
+def limit_memory(extra: int) -> None:
+    """Address space: what this process holds now (Python, torch, lora_min) plus `extra`, for good:
+    lowering a hard limit cannot be undone. Linux only (macOS does not enforce it)."""
+    import resource
+    status = Path("/proc/self/status")
+    if status.exists():
+        now = int(status.read_text().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (now + extra, now + extra))
+
+
 def main() -> int:
-    checks_file, submission, library_dir = sys.argv[1:4]
+    checks_file, submission, library_dir, memory = sys.argv[1:5]
     # python -I left out the script's folder, PYTHONPATH and the user's site-packages. Put the
     # grader's lora_min first, and drop any folder from which the solutions could be imported.
     sys.path.insert(0, library_dir)
@@ -143,9 +153,11 @@ def main() -> int:
     import torch  # paid before the clock of any case starts
     torch.set_num_threads(1)
     cases = torch.load("inputs.pt", weights_only=True)
-    common = load_module("grading_common", Path(checks_file).parent / "common.py")  # noqa: F841
+    load_module("grading_common", Path(checks_file).parent / "common.py")  # the checks import it by this name
     checks = load_module("grading_checks", Path(checks_file))
+    getattr(checks, "warm_up", lambda: None)()  # what torch loads on first use, before any case's clock
     Path("results").mkdir()
+    limit_memory(int(memory))
     # The checks and this file stay readable: torch reads the source of the frames on the stack.
     install_audit_hook(os.getcwd(), str(Path(assignments_dir) / "solutions"))
     student_file = Path(submission).name

@@ -23,7 +23,6 @@ import csv
 import importlib.util
 import io
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TextIO
+
+if os.name != "posix":
+    sys.exit("the grader needs Linux or macOS (on Windows, run it in WSL)")
+import resource  # POSIX only
 
 HERE = Path(__file__).resolve().parent
 if (HERE.parents[1] / "lora_min").is_dir():  # grade against this checkout's lora_min, even as a script
@@ -56,7 +59,7 @@ class Limits:
     import_s: float = 60.0  # starting Python, importing torch and the submission (a busy machine is slow)
     case_s: float = 20.0
     total_s: float = 120.0
-    memory_bytes: int = 3 << 30  # address space: torch takes ~0.8 GB of it
+    memory_bytes: int = 2 << 30  # address space on top of Python + torch (~0.8 GB for a CPU build, more with CUDA)
     open_files: int = 256
     file_bytes: int = 64 << 20
     processes: int = 64  # on top of the user's own (threads count too); root is exempt by the OS
@@ -168,16 +171,30 @@ def score_checks(score: Score, checks: list, cases: list[list], results: list[li
 # Running a submission: in a child process (always, for grading), or here (for the test suite)
 
 
+def kernel_limits(limits: Limits) -> list[tuple[int, int]]:
+    """(resource, value) pairs: CPU seconds, open files, file size, core dumps, processes. The
+    child limits its address space itself, once it knows what torch took (child.limit_memory)."""
+    return [(resource.RLIMIT_CPU, int(limits.total_s) + 5),
+            (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_FSIZE, limits.file_bytes),
+            (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, threads_of_this_user() + limits.processes)]
+
+
 def limit(pid: int, limits: Limits) -> None:
     """Kernel limits on the child, set from here as soon as it exists (it spends its first
     second importing torch, long before the submission runs); it cannot raise them (the audit
-    hook refuses resource.setrlimit, which root could otherwise use)."""
-    cpu = int(limits.total_s) + 5
-    nproc = threads_of_this_user() + limits.processes
-    for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory_bytes),
-                         (resource.RLIMIT_NOFILE, limits.open_files), (resource.RLIMIT_FSIZE, limits.file_bytes),
-                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+    hook refuses resource.setrlimit, which root could otherwise use). Linux only (prlimit)."""
+    for which, value in kernel_limits(limits):
         resource.prlimit(pid, which, (value, value))
+
+
+def limit_myself(pairs: list[tuple[int, int]]) -> None:
+    """The same limits where there is no prlimit (macOS), set by the child before it starts
+    Python; best effort, as macOS does not enforce every one of them."""
+    for which, value in pairs:
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
 
 
 def threads_of_this_user() -> int:
@@ -211,13 +228,18 @@ def run_child(checks_file: Path, submission: Path, cases: list, limits: Limits, 
         (library / "lora_min").symlink_to(Path(lora_min.__file__).parent)
         shutil.copyfile(submission, workdir / submission.name)
         torch.save([{"probe": case.probe.__name__, "inputs": case.inputs} for case in cases], workdir / "inputs.pt")
+        prlimit = hasattr(resource, "prlimit")  # Linux
+        pairs = [] if prlimit else kernel_limits(limits)
+        preexec = (lambda: limit_myself(pairs)) if pairs else None
         with open(root / "child.log", "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library)],
+                [sys.executable, "-I", str(CHILD), str(checks_file), str(workdir / submission.name), str(library),
+                 str(limits.memory_bytes)],
                 cwd=workdir, env=child_environment(workdir), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
             try:
-                limit(process.pid, limits)
+                if prlimit:
+                    limit(process.pid, limits)
             except ProcessLookupError:
                 pass  # it is gone already
             stopped = watch(process, workdir, len(cases), limits, deadline)

@@ -43,7 +43,7 @@ def beam_cases(name: str, verify, n: int = 16) -> list[Case]:
         inputs = dict(log_probs=log_probs, scores=-torch.rand(n_beams, generator=g) * 5, beam_size=beam_size)
         cases.append(Case(label(n_beams=n_beams, V=V, beam_size=beam_size, ties=coarse, seed=seed), probe_beam, inputs,
                           lambda out, inputs=inputs: verify(out, **inputs)))
-    return cases
+    return sorted(cases, key=lambda case: case.inputs["log_probs"].numel())  # the smallest failing case is shown
 
 
 def best_cases() -> list[Case]:

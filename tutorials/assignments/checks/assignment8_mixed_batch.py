@@ -67,7 +67,7 @@ def mixed_cases(name: str, what: str, K: tuple[int, int], same_scale: bool, rows
             close(got, reference(**inputs), what)
         cases.append(Case(label(N=N, T=T, n_in=n_in, n_out=n_out, r=r, scale=scale.tolist(), adapter=adapter.tolist(),
                                 seed=seed), probe_mixed, inputs, verify))
-    return cases
+    return sorted(cases, key=lambda case: case.inputs["x"].numel() * case.inputs["W0"].numel())
 
 
 def one_adapter_cases() -> list[Case]:

@@ -44,7 +44,7 @@ def phi_cases(name: str, make, verify) -> list[Case]:
         A1, A2 = make(r1, r2, d, seed)
         cases.append(Case(label(r1=len(A1), r2=len(A2), d=d, seed=seed), probe_phi, dict(A1=A1, A2=A2),
                           lambda got, A1=A1, A2=A2: verify(got, A1, A2)))
-    return cases
+    return sorted(cases, key=lambda case: case.inputs["A1"].numel() + case.inputs["A2"].numel())
 
 
 def random_pair(r1, r2, d, seed):
