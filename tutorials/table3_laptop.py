@@ -1,7 +1,7 @@
 """Table 3 of the LoRA paper in miniature, on a laptop's CPU: pretrain a small GPT, then adapt it.
 
-    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table (see its README row)
-    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, a minute
+    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table: about 20 min of CPU
+    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, 2 min of CPU
 
 What it does (chapter 8, tutorials/08_table3_on_a_laptop.md, explains why):
 1. Pretrain a GPT of the demo's shape (4 layers, 128 wide, GPT-2's tokenizer) as a plain language
@@ -26,22 +26,23 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train.py sits at the top of the repository
-import train  # noqa: E402
-from lora_min.data import EOT, Example, Position, encode_reference, global_batches, load_split, loss_tokens, micro_batches  # noqa: E402
-from lora_min.demo import DEMO_CONFIG  # noqa: E402
-from lora_min.distributed import Dist  # noqa: E402
-from lora_min.hf_interop import export_merged  # noqa: E402
-from lora_min.metrics import METRICS  # noqa: E402
-from lora_min.model import GPT, GPTConfig  # noqa: E402
-from lora_min.runlog import format_bytes, format_duration  # noqa: E402
+import train
+from lora_min.data import (EOT, Example, Position, encode_reference, global_batches, load_split, loss_tokens,
+                           micro_batches)
+from lora_min.demo import DEMO_CONFIG
+from lora_min.distributed import Dist
+from lora_min.hf_interop import export_merged
+from lora_min.metrics import METRICS
+from lora_min.model import GPT, GPTConfig
+from lora_min.runlog import format_bytes, format_duration
 
 
 @dataclass(frozen=True)
