@@ -55,7 +55,7 @@ from lora_min.fileio import atomic_write_text
 from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
                            validate_args)
 from lora_min.metrics import format_scores
-from lora_min.model import GPT, LORA_TARGETS, LoRAConfig, count_trainable
+from lora_min.model import GPT, GPT2_SIZES, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
 from lora_min.weights import HUB_NAMES, files_to_download, resolve_checkpoint
 
@@ -461,7 +461,7 @@ def finish(model: GPT, args: argparse.Namespace, summary: dict, device: torch.de
     print(f"peak memory: {format_bytes(peak) if peak else 'unknown'} "
           f"({'CUDA tensors' if device.type == 'cuda' else 'process resident set'})")
     print(f"loss curve: {out / 'loss.png' if plotted else 'not drawn (pip install matplotlib)'}")
-    if args.demo:
+    if args.demo and not args.full:
         print(f"(the loss starts near ln {model.config.vocab_size} = {math.log(model.config.vocab_size):.1f}, "
               "a uniform guess over GPT-2's tokens; a few dozen LoRA steps on random weights lower it only a "
               "little: the demo checks that the pipeline runs, not that it learns)")
@@ -497,9 +497,26 @@ def run_evaluation(model: GPT, args: argparse.Namespace, autocast) -> dict:
                                 limit=args.eval_limit or None, text=args.text)
     print(f"scores on {args.eval_split} (generated text and scores.json in {Path(args.out) / 'eval'}):")
     print(format_scores(scores["scores"], official=scores["scores_perl"]))
-    if args.demo:
-        print("(a random model: these scores only show that the pipeline runs)")
+    if (note := what_was_trained(args, model.config)) is not None:
+        print(note)
     return scores
+
+
+def what_was_trained(args: argparse.Namespace, config: GPTConfig) -> str | None:
+    """What the scores of a run that is not the paper's can tell, in one line: LoRA on the demo's
+    random base, a model trained from scratch, or a small pretrained base (tutorials chapter 8)."""
+    steps = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epochs"
+    if args.demo and not args.full:
+        return "(LoRA on the demo's random base, which knows no language: these scores only show that the pipeline runs)"
+    if args.demo:
+        return (f"(the demo model trained from scratch, all its weights from random, for {steps}: the scores "
+                "are what it learned from this data alone, without pretraining)")
+    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    if shape not in GPT2_SIZES.values():
+        how = "fully fine-tuned" if args.full else "adapted with LoRA"
+        return (f"(a small base, {args.model} ({config.n_layer} layers, {config.n_embd} wide), {how} for {steps}: "
+                "real scores of a miniature, not comparable with the paper's GPT-2 M)")
+    return None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from lora_min import adapters, data, evaluate
 from lora_min.adapters import load_adapter, model_from_adapter, read_adapter_metadata
 from lora_min.data import (DEMO_DIR, Example, Position, encode_example, global_batches, group_references, load_split,
                            read_e2e_csv, references_for_scoring)
+from lora_min.demo import DEMO_CONFIG
 from lora_min.device import HALF_DTYPES
 from lora_min.distributed import Dist
 from lora_min.download import DownloadError
@@ -537,6 +538,21 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert "this run: 6 steps (0.15 epochs)" in result.stdout
     assert json.loads((out / "run.json").read_text())["model"] == "demo"
     assert f"python -m lora_min.evaluate --adapter {out / 'adapter.safetensors'}" in result.stdout
+
+
+def test_the_closing_line_says_what_was_trained():
+    """A random base with LoRA, a model trained from scratch, or a small pretrained base (issue 19):
+    only the first one's scores are meaningless."""
+    def note(argv, config=DEMO_CONFIG):
+        return train.what_was_trained(train.parse_args(argv)[0], config)
+
+    assert "only show that the pipeline runs" in note(["--demo"])
+    scratch = note(["--demo", "--full", "--max-steps", "3000"])
+    assert "from scratch" in scratch and "3000 steps" in scratch and "pipeline" not in scratch
+    small = note(["--model", "runs/table3/laptop/base", "--full", "--max-steps", "300"])
+    assert "small base, runs/table3/laptop/base (4 layers, 128 wide), fully fine-tuned for 300 steps" in small
+    assert "adapted with LoRA for 5 epochs" in note(["--model", "tiny"])
+    assert note(["--model", "gpt2-medium"], GPTConfig(n_layer=24, n_head=16, n_embd=1024)) is None
 
 
 def test_text_flag_trains_on_the_papers_text_or_the_csv_text():
