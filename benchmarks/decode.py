@@ -41,7 +41,6 @@ CPU-time column is steady even on a busy machine.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from lora_min.data import (DEMO_DIR, decode_completion, encode_prompt, get_token
                            iterate_batches, load_split, make_examples, masked_lm_loss, read_e2e_csv)
 from lora_min.decode import EOS_IDS, PAD_ID, beam_search, greedy
 from lora_min.evaluate import decode_mrs
+from lora_min.fileio import atomic_write_bytes
 from lora_min.model import CONV1D_WEIGHTS, GPT, GPTConfig, KVCache
 
 CACHE_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"  # git-ignored
@@ -128,8 +128,7 @@ def small_e2e_model(data_dir: str | None, steps: int) -> GPT:
                 break
         epoch += 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), tmp := path.with_suffix(".tmp"))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda f: torch.save(model.state_dict(), f))
     return model.eval()
 
 
