@@ -160,22 +160,21 @@ def lock_out_dir(out: str | Path) -> Iterator[None]:
     ends, however it ends (flock on a file inside --out; the file keeps the holder's pid)."""
     out = Path(out)
     path = out / ".lock"
-    with folder_for(out):  # a run that fails before writing anything leaves no empty folder behind
+    with folder_for(out), open(path, "a+") as f:  # folder_for: a failed run leaves no empty folder behind
         try:
-            with open(path, "a+") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                    raise ConfigError(f"--out {out} is in use by another run (process {holder}); wait for it to "
-                                      "end, or choose another --out") from None
-                f.truncate(0)
-                f.write(f"{os.getpid()}\n")
-                f.flush()
-                yield
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # the lock file is the other run's: leave it as it is
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError(f"--out {out} is in use by another run (process {holder}); wait for it to "
+                              "end, or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
         except BaseException:
-            if [p.name for p in out.iterdir()] == [".lock"]:  # the run failed before writing anything
+            if [p.name for p in out.iterdir()] == [".lock"]:  # our run failed before writing anything
                 path.unlink()
             raise
 

@@ -234,6 +234,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, caps
         assert train.main(TINY + ["--max-steps", "1", "--out", str(out)]) == 2
         assert f"--out {out} is in use by another run (process 4242)" in capsys.readouterr().err
         assert not (out / "run.json").exists()
+        assert (out / ".lock").read_text() == "4242\n"  # the refused run leaves the other run's lock file alone
     # Released (as the kernel does when that process ends): a run may start, and releases it in turn.
     assert train.main(TINY + ["--max-steps", "1", "--out", str(out)]) == 0
     with open(out / ".lock") as lock:
