@@ -55,7 +55,7 @@ from lora_min.fileio import atomic_write_text
 from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
                            validate_args)
 from lora_min.metrics import format_scores
-from lora_min.model import GPT, GPT2_SIZES, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
+from lora_min.model import GPT, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
 from lora_min.weights import HUB_NAMES, files_to_download, resolve_checkpoint
 
@@ -511,8 +511,7 @@ def what_was_trained(args: argparse.Namespace, config: GPTConfig) -> str | None:
     if args.demo:
         return (f"(the demo model trained from scratch, all its weights from random, for {steps}: the scores "
                 "are what it learned from this data alone, without pretraining)")
-    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
-    if shape not in GPT2_SIZES.values():
+    if config.size_name() is None:
         how = "fully fine-tuned" if args.full else "adapted with LoRA"
         return (f"(a small base, {args.model} ({config.n_layer} layers, {config.n_embd} wide), {how} for {steps}: "
                 "real scores of a miniature, not comparable with the paper's GPT-2 M)")

@@ -39,7 +39,7 @@ from lora_min.device import DEVICES, HALF_DTYPES, PRECISIONS, autocast_for, pick
 from lora_min.fileio import atomic_write_text
 from lora_min.flags import ConfigError, check_decoding_flags
 from lora_min.metrics import PAPER_GPT2_M_LORA, e2e_scores_both, format_scores
-from lora_min.model import GPT, GPT2_SIZES, GPTConfig
+from lora_min.model import GPT, GPTConfig
 from lora_min.runlog import format_duration, show_progress
 
 
@@ -132,10 +132,9 @@ def one_line(text: str) -> str:
 
 def paper_size_note(config: GPTConfig, base: str) -> str | None:
     """A warning when the model is not the size of the paper's row (GPT-2 M), else None."""
-    shape = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
-    if shape == GPT2_SIZES["gpt2-medium"]:
+    size = config.size_name()
+    if size == "gpt2-medium":
         return None
-    size = next((name for name, dims in GPT2_SIZES.items() if dims == shape), None)
     ours = f"{size}, {config.n_layer} layers" if size else f"{config.n_layer} layers, {config.n_embd} wide"
     return (f"note: the model ({base}: {ours}) is not the paper's GPT-2 M (gpt2-medium, 24 layers), "
             "so its scores are not comparable with the paper row")

@@ -65,6 +65,11 @@ class GPTConfig:
             raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {sorted(GPT2_SIZES)}")
         return cls(**{**GPT2_SIZES[name], **overrides})
 
+    def size_name(self) -> str | None:
+        """The official size with this shape ('gpt2', ... 'gpt2-xl'), or None for any other shape."""
+        shape = dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+        return next((name for name, dims in GPT2_SIZES.items() if dims == shape), None)
+
 
 @dataclass
 class LoRAConfig:
