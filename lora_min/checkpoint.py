@@ -38,7 +38,7 @@ RESUME_KEYS = ("step", "epoch", "batch", "trainable", "optimizer", "scaler", "rn
 def start_fresh(args: argparse.Namespace) -> None:
     """A new run in --out: nothing of an earlier one may be mistaken for ours; run.json keeps the flags."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before training leaves no folder
+    out.mkdir(parents=True, exist_ok=True)  # train.main's lock_out_dir has made it (and removes it if the run fails first)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "run.json", json.dumps(vars(args), indent=2) + "\n")
