@@ -52,8 +52,8 @@ from lora_min.distributed import Dist, all_reduce_sum, barrier, init_distributed
 from lora_min.demo import DEMO, load_base
 from lora_min.evaluate import evaluate_split
 from lora_min.fileio import atomic_write_text
-from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir, given_flags,
-                           validate_args)
+from lora_min.flags import (ConfigError, HelpFormatter, adopt_run_config, check_decoding_fits, check_out_dir,
+                            given_flags, validate_args)
 from lora_min.metrics import format_scores
 from lora_min.model import GPT, LORA_TARGETS, GPTConfig, LoRAConfig, count_trainable
 from lora_min.runlog import Progress, append_log, format_bytes, format_duration, plot_losses, truncate_log
@@ -507,7 +507,8 @@ def what_was_trained(args: argparse.Namespace, config: GPTConfig) -> str | None:
     random base, a model trained from scratch, or a small pretrained base (tutorials chapter 8)."""
     steps = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epochs"
     if args.demo and not args.full:
-        return "(LoRA on the demo's random base, which knows no language: these scores only show that the pipeline runs)"
+        return ("(LoRA on the demo's random base, which knows no language: these scores only show that the "
+                "pipeline runs)")
     if args.demo:
         return (f"(the demo model trained from scratch, all its weights from random, for {steps}: the scores "
                 "are what it learned from this data alone, without pretraining)")

@@ -38,7 +38,8 @@ RESUME_KEYS = ("step", "epoch", "batch", "trainable", "optimizer", "scaler", "rn
 def start_fresh(args: argparse.Namespace) -> None:
     """A new run in --out: nothing of an earlier one may be mistaken for ours; run.json keeps the flags."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # train.main's lock_out_dir has made it (and removes it if the run fails first)
+    # train.main's lock_out_dir has made it already (and removes it if the run fails before this).
+    out.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "run.json", json.dumps(vars(args), indent=2) + "\n")
@@ -54,7 +55,8 @@ def save_weights(model: GPT, args: argparse.Namespace, step: int) -> Path:
     if args.full:
         export_merged(model, args.out, metadata={"step": str(step)})
     else:
-        trained_on = {"text": args.text} | ({} if args.data_dir is None else {"data_dir": str(args.data_dir)})  # evaluate's defaults
+        # What lora_min.evaluate takes as its defaults for this adapter.
+        trained_on = {"text": args.text} | ({} if args.data_dir is None else {"data_dir": str(args.data_dir)})
         save_adapter(model, weights_path(args), base_model=args.model,
                      extra_metadata={"step": str(step), "seed": str(args.seed), **trained_on})
     return weights_path(args)

@@ -268,7 +268,8 @@ def load_split(split: str, data_dir: str | Path | None = None, *, download: bool
 # one space (their files do, and microsoft/LoRA trains on ' ' + completion, that space included).
 # The test set's references were evidently tokenized by a different tool from the train/dev
 # ones; the rules marked "test" / "train and dev" below are where the two disagree (train.txt
-# is assumed to follow the dev rules: it is not here to check, see data/README.md). `--text raw-csv` (TEXTS) trains on the CSV text unchanged instead.
+# is assumed to follow the dev rules: it is not here to check, see data/README.md).
+# `--text raw-csv` (TEXTS) trains on the CSV text unchanged instead.
 
 TEXTS = ("paper", "raw-csv")  # the paper's tokenized text (default) or the official CSV text as is
 LORA_SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}

@@ -5,9 +5,10 @@
 One hypothesis per unique MR (the E2E scorer compares it with all of that MR's references), in
 the order MRs first appear in the CSV. Prompts and references are in the text the adapter was
 trained on: the paper's (lora_min.data.format_mr / format_ref: microsoft/LoRA's data/e2e/*.txt)
-unless train.py ran with --text raw-csv (the official CSV text as it is). Written to --out (default: eval/ beside the adapter, the folder
-train.py's own evaluation at the end of a run writes, so it always holds the latest evaluation of
-that adapter; scores.json says which split, text and decoding settings), each file atomically:
+unless train.py ran with --text raw-csv (the official CSV text as it is). Written to --out
+(default: eval/ beside the adapter, the folder train.py's own evaluation at the end of a run
+writes, so it always holds the latest evaluation of that adapter; scores.json says which split,
+text and decoding settings), each file atomically:
 
     predictions.txt   one hypothesis per line, one line per MR
     references.txt    each MR's references, one per line, a blank line between MRs

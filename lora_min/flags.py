@@ -183,5 +183,5 @@ def check_decoding_fits(args: argparse.Namespace, config: GPTConfig, device: tor
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if beams * per_beam > memory:
         raise ConfigError(f"--beam-size {args.beam_size} x --eval-batch-size {args.eval_batch_size} = {beams:,} beams "
-                          f"need about {format_bytes(beams * per_beam)} to decode, more than the {format_bytes(memory)} "
-                          f"of {device}; lower --beam-size or --eval-batch-size")
+                          f"need about {format_bytes(beams * per_beam)} to decode, more than the "
+                          f"{format_bytes(memory)} of {device}; lower --beam-size or --eval-batch-size")

@@ -205,7 +205,8 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> ob
     try:
         return torch.load(path, map_location=map_location, weights_only=True)  # no pickled code runs
     except pickle.UnpicklingError as err:  # torch's message is a page; keep the line that says why
-        why = next((line for line in str(err).splitlines() if "unsupported" in line.lower()), "not a pickle torch reads")
+        why = next((line for line in str(err).splitlines() if "unsupported" in line.lower()),
+                   "not a pickle torch reads")
         raise ValueError(f"{path}: holds something other than tensors, refused by torch.load("
                          f"weights_only=True): {why.strip()}") from None
     except (RuntimeError, EOFError, OSError) as err:
