@@ -219,7 +219,7 @@ def evaluate_workload(args) -> None:
     ours, hf = e2e_models(args.data_dir, args.train_steps, prompts[0])
     batches = [range(start, min(start + args.eval_batch, len(mrs))) for start in range(0, len(mrs), args.eval_batch)]
     methods = {
-        "ours (lora_min.evaluate)": lambda b: decode_mrs(ours, [mrs[i] for i in b], batch_size=len(b), progress=None),
+        "ours (lora_min.evaluate)": lambda b: decode_mrs(ours, [mrs[i] for i in b], batch_size=len(b), progress=False),
         "transformers generate()": lambda b: hf_beam_search_batch(hf, [prompts[i] for i in b]),
         # generate()'s default stops a prompt by a guess (the best open hypothesis scored at today's
         # length), which can change the result; "never" stops on the exact bound that ours uses.

@@ -29,6 +29,7 @@ Where we differ from microsoft/LoRA:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -278,6 +279,7 @@ _LETTER = r"[^\W\d_]"  # a letter, "é" included
 _SPLIT_OFF_FRONT = "£$'\","  # "£30" -> "£ 30", "'Family" -> "' Family", ",with" -> ", with"
 _SPLIT_OFF_BACK = re.compile(r"(?:\.{2,}|[.,;:!?'\"])$")  # "Spice." -> "Spice .", "friendly.." -> "friendly .."
 _CLITIC = re.compile(r"(.+?)('(?:s|ll|re|ve|d|m|t))", re.IGNORECASE)  # "It's" -> "It 's", "isn't" -> "isn 't"
+_NUMBER_PERIOD = re.compile(r"\d+\.")  # "5." of "5 out of 5. in the city centre"
 _NOT = re.compile(r"(.+)(n't)", re.IGNORECASE)  # test: "isn't" -> "is n't", "won't" -> "wo n't"
 _INSIDE = {  # split points inside a word, kept as tokens of their own
     "test": re.compile(rf"((?<={_LETTER})-(?={_LETTER})|(?<=\d)-(?=\d)|(?<={_LETTER}),(?={_LETTER}))"),
@@ -308,22 +310,28 @@ def paper_words(text: str, split: str = "train") -> list[str]:
     tokens: list[str] = []
     for i, word in enumerate(words):
         next_word = words[i + 1] if i + 1 < len(words) else ""
-        if style == "train" and re.fullmatch(r"\d+\.", word) and next_word[:1].islower():
+        if style == "train" and _NUMBER_PERIOD.fullmatch(word) and next_word[:1].islower():
             tokens.append(word)  # step 1's exception: "1 out of 5. in the city centre"
-            continue
-        front, back = [], []
-        while len(word) > 1:  # step 1
-            end = _SPLIT_OFF_BACK.search(word)
-            if word[0] in _SPLIT_OFF_FRONT:
-                front.append(word[0])
-                word = word[1:]
-            elif end and end.start() > 0:
-                back.insert(0, end.group())
-                word = word[:end.start()]
-            else:
-                break
-        tokens += front + _split_inside(word, style) + back
+        else:
+            tokens += _cut_word(word, style)
     return tokens
+
+
+@functools.lru_cache(maxsize=1 << 16)  # E2E's 50,000 texts hold about 10,000 distinct words: each is cut once
+def _cut_word(word: str, style: str) -> tuple[str, ...]:
+    """Steps 1-3 of paper_words for one whitespace-separated word."""
+    front, back = [], []
+    while len(word) > 1:  # step 1
+        end = _SPLIT_OFF_BACK.search(word)
+        if word[0] in _SPLIT_OFF_FRONT:
+            front.append(word[0])
+            word = word[1:]
+        elif end and end.start() > 0:
+            back.insert(0, end.group())
+            word = word[:end.start()]
+        else:
+            break
+    return (*front, *_split_inside(word, style), *back)
 
 
 def _style(split: str) -> str:
@@ -342,6 +350,7 @@ def _split_inside(word: str, style: str) -> list[str]:
     return [part for part in _INSIDE[style].split(word) if part]
 
 
+@functools.lru_cache(maxsize=1 << 14)  # the training set's 42,061 rows share 4,862 MRs
 def format_mr(mr: str, text: str = "paper") -> str:
     """The prompt text for an MR: 'name[X], eatType[pub], priceRange[£20-25]' ->
     'name : X | Type : pub | price : £ 20 - 25' ("paper"; "raw-csv" keeps '£20-25')."""

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
 
 import torch
 
@@ -106,8 +105,9 @@ SCORING = {  # what the two score sets in scores.json are
 
 def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_tokens: int = 64,
                length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, batch_size: int = 8,
-               greedy: bool = False, progress: TextIO | None = sys.stderr, text: str = "paper") -> list[str]:
-    """One generated text per MR, on one line. Shows progress on `progress` (None: quiet)."""
+               greedy: bool = False, progress: bool = True, text: str = "paper") -> list[str]:
+    """One generated text per MR, on one line. Shows progress on stderr (the one at call time, so
+    that contextlib.redirect_stderr catches it) unless progress=False."""
     prompts = [encode_prompt(mr, text) for mr in mrs]
     texts: list[str] = []
     started = time.perf_counter()
@@ -119,9 +119,9 @@ def decode_mrs(model: GPT, mrs: Sequence[str], *, beam_size: int = 10, max_new_t
             new_tokens = decode.beam_search(model, batch, beam_size, max_new_tokens, length_penalty,
                                             no_repeat_ngram_size, batch_size=len(batch))
         texts += [one_line(decode_completion(tokens)) for tokens in new_tokens]
-        if progress is not None:
+        if progress:
             done, rate = len(texts), len(texts) / max(time.perf_counter() - started, 1e-9)
-            show_progress(progress, f"decoding: {done}/{len(prompts)} MRs, {rate:.2f} MRs/s, "
+            show_progress(sys.stderr, f"decoding: {done}/{len(prompts)} MRs, {rate:.2f} MRs/s, "
                                     f"{format_duration((len(prompts) - done) / rate)} left", done, len(prompts), start)
     return texts
 

@@ -49,7 +49,7 @@ def test_evaluate_split_writes_the_scorer_layout_and_returns_the_scores(tmp_path
     groups = demo_groups(5)
     predictions = (tmp_path / "eval" / "predictions.txt").read_text(encoding="utf-8").split("\n")
     assert predictions[-1] == "" and len(predictions[:-1]) == 5  # one line per MR, newline-terminated
-    assert predictions[:-1] == decode_mrs(model, [mr for mr, _ in groups], batch_size=1, progress=None,
+    assert predictions[:-1] == decode_mrs(model, [mr for mr, _ in groups], batch_size=1, progress=False,
                                           **{k: v for k, v in DECODING.items() if k != "batch_size"})
     # the references as the paper's pipeline writes e2e_ref.txt: the paper's tokenized text
     paper_refs = [references_for_scoring(refs, "paper", "test") for _, refs in groups]
@@ -106,7 +106,7 @@ def test_command_line_loads_base_and_adapter_and_prints_the_paper_row(tmp_path, 
 
     model.merge_lora()  # what the command decodes with
     expected = decode_mrs(model, [mr for mr, _ in group_references(read_e2e_csv(DEMO_DIR / "devset.csv"))[:3]],
-                          beam_size=2, max_new_tokens=5, progress=None)
+                          beam_size=2, max_new_tokens=5, progress=False)
     assert (out / "predictions.txt").read_text().splitlines() == expected
 
 
@@ -193,7 +193,7 @@ def test_command_line_decodes_in_bf16_on_the_cpu_too(tmp_path):
     model.cast_frozen_base(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = decode_mrs(model.eval(), [mr for mr, _ in demo_groups(2)], beam_size=2, max_new_tokens=4,
-                              progress=None)
+                              progress=False)
     assert (tmp_path / "eval" / "predictions.txt").read_text().splitlines() == expected
 
 

@@ -6,8 +6,10 @@ written to a temporary folder (the committed ones are left alone). The runner's 
 """
 import importlib.util
 import io
+import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,33 @@ def test_toy_claim_asserts_at_small_size_and_reports_at_laptop(monkeypatch, caps
     toy.claim(True, "holds")
     toy.claim(False, "LoRA wins")
     assert capsys.readouterr().out == "at this size, not so: LoRA wins\n"
+
+
+# --------------------------------------------------------------------------- chapter 8's recorded run
+
+
+def test_chapter_8_shows_a_run_of_the_runner_as_committed():
+    """tutorials/table3_laptop.json, the laptop-size run chapter 8 prints, is table3.json exactly as
+    `python tutorials/table3_laptop.py` wrote it: its settings are the runner's laptop size, every
+    method ran for every seed with the train.py command the runner gives, and its times are one
+    command's. Change SIZES["laptop"], METHODS or train_command and this fails until the run is redone."""
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        import table3_laptop as t3
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    record = json.loads((TUTORIALS / "table3_laptop.json").read_text())
+    size = replace(t3.SIZES["laptop"], data_dir=record["settings"]["data_dir"])
+    assert record["settings"] == json.loads(json.dumps(t3.table_settings(size)))
+    assert record["pretraining"]["settings"] == json.loads(json.dumps(t3.pretraining_settings(size)))
+    out = Path("runs/table3/laptop")  # the runner's default --out
+    commands = {(r["method"], r["seed"]): r["command"] for r in record["runs"]}
+    assert len(commands) == len(record["runs"]) == len(t3.METHODS) * len(size.seeds)
+    for method in t3.METHODS:
+        for seed in size.seeds:
+            base = out / (f"random-seed{seed}" if method == "scratch" else "base")
+            argv = t3.train_command(method, seed, base, size, out)
+            assert commands[method, seed] == "python train.py " + " ".join(argv)
+    # one command's wall clock covers the pretraining and every run it started (2 workers at most)
+    assert record["wall_seconds"] >= record["pretraining"]["seconds"]
+    assert record["cpu_seconds"] >= record["pretraining"]["cpu_seconds"] + sum(r["cpu_seconds"] for r in record["runs"])

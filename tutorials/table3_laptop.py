@@ -1,7 +1,7 @@
 """Table 3 of the LoRA paper in miniature, on a laptop's CPU: pretrain a small GPT, then adapt it.
 
-    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table: about 20 min of CPU
-    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, 2 min of CPU
+    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table: about 13 min on 2 cores
+    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, 1 min
 
 What it does (chapter 8, tutorials/08_table3_on_a_laptop.md, explains why):
 1. Pretrain a GPT of the demo's shape (4 layers, 128 wide, GPT-2's tokenizer) as a plain language
@@ -13,6 +13,8 @@ What it does (chapter 8, tutorials/08_table3_on_a_laptop.md, explains why):
    model of the same shape from scratch.
 3. Decode the first test MRs with the paper's beam search (train.py's), score them as the paper did
    (measure_scores.py -p), over several seeds, and print the table next to the paper's Table 3.
+The runs go to --jobs worker processes of one thread each (a model this small keeps one core busy
+better than two threads do); from-scratch runs start while the base is still pretraining.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from lora_min.data import (EOT, Example, Position, encode_reference, global_batc
                            micro_batches)
 from lora_min.demo import DEMO_CONFIG
 from lora_min.distributed import Dist
+from lora_min.fileio import atomic_write_text
 from lora_min.hf_interop import export_merged
 from lora_min.metrics import METRICS
 from lora_min.model import GPT, GPTConfig
@@ -92,12 +97,18 @@ def pretraining_text(data_dir: str | None) -> list[Example]:
     return [Example((EOT, *encode_reference(ref)), 1) for ref in references]
 
 
-def pretrain(size: Size, out: Path, say=print) -> Path:
+def pretraining_settings(size: Size) -> dict:
+    """What the pretrained base depends on: a cached base with other settings is made again."""
+    return dict(config=asdict(size.config), data_dir=size.data_dir, steps=size.pretrain_steps, lr=PRETRAIN_LR,
+                batch_size=BATCH_SIZE, seed=0)
+
+
+def pretrain(size: Size, out: Path, progress: bool = True) -> Path:
     """The pretrained base in <out>/base (config.json + model.safetensors, GPT-2's layout), made
-    once: a later call with the same settings reuses it."""
+    once: a later call with the same settings reuses it. `progress`: print a line every 10%."""
+    say = print if progress else (lambda *args, **kwargs: None)
     folder = out / "base"
-    settings = dict(config=asdict(size.config), data_dir=size.data_dir, steps=size.pretrain_steps,
-                    lr=PRETRAIN_LR, batch_size=BATCH_SIZE, seed=0)
+    settings = pretraining_settings(size)
     if (folder / "model.safetensors").is_file() and (folder / "pretraining.json").is_file():
         if json.loads((folder / "pretraining.json").read_text())["settings"] == settings:
             say(f"pretrained base: {folder} (cached)")
@@ -129,7 +140,7 @@ def pretrain(size: Size, out: Path, say=print) -> Path:
     export_merged(model, folder)
     record = dict(settings=settings, final_loss=sum(losses[-10:]) / len(losses[-10:]), seconds=time.time() - started,
                   cpu_seconds=cpu_seconds() - cpu_started)
-    (folder / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(folder / "pretraining.json", json.dumps(record, indent=2) + "\n")
     return folder
 
 
@@ -146,23 +157,32 @@ def random_base(size: Size, seed: int, out: Path) -> Path:
 # 2. Adaptation with train.py, and 3. decoding and scoring (train.py does both)
 
 
-def adapt(method: str, seed: int, base: Path, size: Size, out: Path, verbose: bool) -> dict:
-    """One train.py run: `method` on `base` for size.adapt_steps steps, then beam search on the first
-    size.eval_limit test MRs and the paper's scores. Returns what the table needs."""
-    run_dir = out / f"{method}-seed{seed}"
-    argv = ["--model", str(base), "--out", str(run_dir), "--overwrite", "--seed", str(seed),
+def train_command(method: str, seed: int, base: Path, size: Size, out: Path) -> list[str]:
+    """train.py's arguments for one run: `method` on `base` for size.adapt_steps steps, then beam
+    search on the first size.eval_limit test MRs. Its folder is <out>/<method>-seed<seed>."""
+    argv = ["--model", str(base), "--out", str(out / f"{method}-seed{seed}"), "--overwrite", "--seed", str(seed),
             "--max-steps", str(size.adapt_steps), "--warmup-steps", str(max(1, size.adapt_steps // 10)),
             "--lr", str(METHODS[method]["lr"]), "--batch-size", str(BATCH_SIZE),
             "--log-every", str(max(1, size.adapt_steps // 5)), "--dev-every", "0", "--dev-limit", "100",
             "--save-every", "0", "--eval-limit", str(size.eval_limit)]
     argv += ["--full"] if METHODS[method]["full"] else []
-    argv += ["--data-dir", size.data_dir] if size.data_dir else []
+    return argv + (["--data-dir", size.data_dir] if size.data_dir else [])
+
+
+def adapt(method: str, seed: int, base: Path, size: Size, out: Path, progress: bool = True) -> dict:
+    """One train.py run (train_command), then the paper's scores. Returns what the table needs.
+    train.py's own log is in the run's folder (log.jsonl, summary.json, eval/); `progress`: say
+    when the run starts."""
+    argv = train_command(method, seed, base, size, out)
+    run_dir = out / f"{method}-seed{seed}"
     done = run_dir / "table3_run.json"  # this run's row, kept so that an interrupted table resumes
     if done.is_file() and json.loads(done.read_text())["command"] == "python train.py " + " ".join(argv):
         return json.loads(done.read_text())
+    if progress:
+        print(f"  {method}, seed {seed}: training for {size.adapt_steps} steps, then decoding {size.eval_limit} "
+              f"test MRs", flush=True)
     printed, started, cpu_started = io.StringIO(), time.time(), cpu_seconds()
-    with contextlib.redirect_stdout(sys.stdout if verbose else printed), \
-            contextlib.redirect_stderr(sys.stderr if verbose else printed):
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         exit_code = train.main(argv)
     if exit_code != 0:
         raise RuntimeError(f"python train.py {' '.join(argv)} failed ({exit_code}):\n{printed.getvalue()}")
@@ -176,43 +196,75 @@ def adapt(method: str, seed: int, base: Path, size: Size, out: Path, verbose: bo
                 decode_seconds=evaluation["decode_seconds"], scores=evaluation["scores"],
                 wall_seconds=time.time() - started, cpu_seconds=cpu_seconds() - cpu_started,
                 example=(run_dir / "eval" / "predictions.txt").read_text().splitlines()[0])
-    done.write_text(json.dumps(row, indent=2) + "\n")
+    atomic_write_text(done, json.dumps(row, indent=2) + "\n")
     return row
 
 
+def cpu_name() -> str:
+    """The processor's model name where Linux says it, else the architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def table_settings(size: Size) -> dict:
+    """Everything the table's runs depend on, as table3.json records it."""
+    return dict(asdict(size), batch_size=BATCH_SIZE, pretrain_lr=PRETRAIN_LR, methods=METHODS)
+
+
+def one_thread() -> None:
+    """Each worker computes with one thread: --jobs workers then share the cores without
+    oversubscribing them."""
+    torch.set_num_threads(1)
+
+
 def run_table(size_name: str = "laptop", data_dir: str | None = None, out: str | Path = "runs/table3",
-              seeds: Sequence[int] | None = None, verbose: bool = False, say=print) -> dict:
-    """The whole table: pretraining (cached), then every method for every seed. Returns (and
-    writes to <out>/table3.json) the runs, the settings, and the time it took."""
+              seeds: Sequence[int] | None = None, jobs: int = 2, progress: bool = True) -> dict:
+    """The whole table: pretraining (cached), then every method for every seed, on `jobs` worker
+    processes. Returns (and writes to <out>/table3.json) the runs, the settings, and the wall
+    clock and CPU time this call took."""
     size = SIZES[size_name]
     if data_dir is not None:
         size = replace(size, data_dir=data_dir)
     if seeds is not None:
         size = replace(size, seeds=tuple(seeds))
     out = Path(out) / size_name
-    started = time.time()
-    base = pretrain(size, out, say)
-    runs, n_runs = [], len(size.seeds) * len(METHODS)
-    for seed in size.seeds:
-        for method in METHODS:
-            t0 = time.time()
-            start = base if method != "scratch" else random_base(size, seed, out)
-            say(f"[{len(runs) + 1}/{n_runs}] {method}, seed {seed}: {size.adapt_steps} steps, then decoding "
-                f"{size.eval_limit} test MRs", flush=True)
-            runs.append(adapt(method, seed, start, size, out, verbose))
-            left = (time.time() - started) / (len(runs)) * (n_runs - len(runs)) if runs else 0
-            say(f"  BLEU {100 * runs[-1]['scores']['BLEU']:.1f} in {format_duration(time.time() - t0)}; "
-                f"about {format_duration(left)} left", flush=True)
-    pretraining = json.loads((base / "pretraining.json").read_text())
-    result = dict(size=size_name, settings=dict(asdict(size), batch_size=BATCH_SIZE, pretrain_lr=PRETRAIN_LR,
-                                                methods=METHODS),
-                  pretraining=pretraining, runs=runs, wall_seconds=time.time() - started,
-                  # what the whole table costs, pretraining and every run, even where they were cached
-                  # or ran in separate processes
-                  cpu_seconds=pretraining["cpu_seconds"] + sum(r["cpu_seconds"] for r in runs),
-                  machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-                          f"torch {torch.__version__}")
-    (out / "table3.json").write_text(json.dumps(result, indent=2) + "\n")
+    say = print if progress else (lambda *args, **kwargs: None)
+    started, cpu_started, runs = time.time(), cpu_seconds(), []
+    n_runs = len(size.seeds) * len(METHODS)
+    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=one_thread)
+    try:
+        # From scratch needs no pretrained base: those runs go first, beside the pretraining.
+        pending = {pool.submit(pretrain, size, out, progress): "pretraining"}
+        for seed in size.seeds:
+            pending[pool.submit(adapt, "scratch", seed, random_base(size, seed, out), size, out, progress)] = \
+                ("scratch", seed)
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = pending.pop(future)
+                if job == "pretraining":
+                    base = future.result()
+                    pending |= {pool.submit(adapt, method, seed, base, size, out, progress): (method, seed)
+                                for seed in size.seeds for method in METHODS if method != "scratch"}
+                    continue
+                runs.append(future.result())
+                say(f"[{len(runs)}/{n_runs}] {job[0]}, seed {job[1]}: BLEU {100 * runs[-1]['scores']['BLEU']:.1f} "
+                    f"({format_duration(runs[-1]['wall_seconds'])}); elapsed {format_duration(time.time() - started)}",
+                    flush=True)
+    finally:  # a failed run stops the table: the runs still queued are not started
+        pool.shutdown(cancel_futures=True)
+    runs.sort(key=lambda r: (r["seed"], list(METHODS).index(r["method"])))
+    result = dict(size=size_name, settings=table_settings(size),
+                  pretraining=json.loads((base / "pretraining.json").read_text()), runs=runs,
+                  # this call's, with the workers and METEOR's Java; a cached base or run costs nothing here
+                  wall_seconds=time.time() - started, cpu_seconds=cpu_seconds() - cpu_started,
+                  machine=f"{cpu_name()}, {os.cpu_count()} CPUs, {jobs} worker processes of one torch "
+                          f"thread, torch {torch.__version__}")
+    atomic_write_text(out / "table3.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -276,14 +328,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/table3", help="where the base, the runs and table3.json go")
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None,
                         help="comma-separated seeds (default: 1,2,3); finished runs in --out are reused")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show train.py's own output")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes, one thread each (default: 2, or 1 on one core); each may hold "
+                             "up to 2 GB while METEOR's Java scores")
     args = parser.parse_args(argv)
-    result = run_table(args.size, args.data_dir, args.out, args.seeds, args.verbose)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    result = run_table(args.size, args.data_dir, args.out, args.seeds, args.jobs)
     print(format_table(result))
     print()
     print(format_runs(result))
-    print(f"\nthis command: wall {format_duration(result['wall_seconds'])}; the table's CPU time (pretraining and "
-          f"every run): {format_duration(result['cpu_seconds'])} ({result['machine']}); "
+    print(f"\nthis command: {format_duration(result['wall_seconds'])} of wall clock, "
+          f"{format_duration(result['cpu_seconds'])} of CPU ({result['machine']}); "
           f"everything in {Path(args.out) / args.size}/table3.json")
     return 0
 
