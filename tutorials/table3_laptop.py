@@ -1,7 +1,8 @@
 """Table 3 of the LoRA paper in miniature, on a laptop's CPU: pretrain a small GPT, then adapt it.
 
-    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table: about 13 min on 2 cores
-    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, 1 min
+    python tutorials/table3_laptop.py --data-dir ../shared/e2e   # the chapter's table (its "Time": 40 min
+                                                                 # on a slow 2-core VM)
+    python tutorials/table3_laptop.py --size small               # the test suite's size: demo data, 4 min
 
 What it does (chapter 8, tutorials/08_table3_on_a_laptop.md, explains why):
 1. Pretrain a GPT of the demo's shape (4 layers, 128 wide, GPT-2's tokenizer) as a plain language
