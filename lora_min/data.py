@@ -317,7 +317,7 @@ def paper_words(text: str, split: str = "train") -> list[str]:
     return tokens
 
 
-@functools.lru_cache(maxsize=1 << 16)  # E2E's 50,000 texts hold about 10,000 distinct words: each is cut once
+@functools.lru_cache(maxsize=1 << 16)  # E2E's 51,426 rows hold 5,160 distinct words: each is cut once
 def _cut_word(word: str, style: str) -> tuple[str, ...]:
     """Steps 1-3 of paper_words for one whitespace-separated word."""
     front, back = [], []

@@ -159,10 +159,14 @@ def random_base(size: Size, seed: int, out: Path) -> Path:
 # 2. Adaptation with train.py, and 3. decoding and scoring (train.py does both)
 
 
+def run_folder(method: str, seed: int, out: Path) -> Path:
+    return out / f"{method}-seed{seed}"
+
+
 def train_command(method: str, seed: int, base: Path, size: Size, out: Path) -> list[str]:
     """train.py's arguments for one run: `method` on `base` for size.adapt_steps steps, then beam
-    search on the first size.eval_limit test MRs. Its folder is <out>/<method>-seed<seed>."""
-    argv = ["--model", str(base), "--out", str(out / f"{method}-seed{seed}"), "--overwrite", "--seed", str(seed),
+    search on the first size.eval_limit test MRs, into run_folder."""
+    argv = ["--model", str(base), "--out", str(run_folder(method, seed, out)), "--overwrite", "--seed", str(seed),
             "--max-steps", str(size.adapt_steps), "--warmup-steps", str(max(1, size.adapt_steps // 10)),
             "--lr", str(METHODS[method]["lr"]), "--batch-size", str(BATCH_SIZE),
             "--log-every", str(max(1, size.adapt_steps // 5)), "--dev-every", "0", "--dev-limit", "100",
@@ -175,8 +179,7 @@ def adapt(method: str, seed: int, base: Path, size: Size, out: Path, progress: b
     """One train.py run (train_command), then the paper's scores. Returns what the table needs.
     train.py's own log is in the run's folder (log.jsonl, summary.json, eval/); `progress`: say
     when the run starts."""
-    argv = train_command(method, seed, base, size, out)
-    run_dir = out / f"{method}-seed{seed}"
+    argv, run_dir = train_command(method, seed, base, size, out), run_folder(method, seed, out)
     done = run_dir / "table3_run.json"  # this run's row, kept so that an interrupted table resumes
     if done.is_file() and json.loads(done.read_text())["command"] == "python train.py " + " ".join(argv):
         return json.loads(done.read_text())
